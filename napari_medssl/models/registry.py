@@ -1,0 +1,183 @@
+"""Model registry: ``create_model("family_size", **overrides)`` and safetensors weights.
+
+Every builder is registered under ``<family>_<size>`` (``mae_tiny``, ``unet_base`` ...). Builders take keyword
+overrides (``num_classes``, ``in_chans``, ``img_size`` ...) and return an ``nn.Module`` that carries
+``model.config``: the registered name plus the overrides, enough to rebuild it from a checkpoint.
+
+Checkpoints are safetensors files whose metadata holds that config as JSON; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_FAMILY_MODULES = (
+    "mae",
+    "dino",
+    "msmae",
+    "miram",
+    "mim",
+    "dino_cnn",
+    "emf_former",
+    "unet",
+)
+_loaded = False
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a builder under its function name (``<family>_<size>``)."""
+    name = fn.__name__
+    if name in _REGISTRY and _REGISTRY[name] is not fn:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = fn
+    return fn
+
+
+def _load_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+
+    for mod in _FAMILY_MODULES:
+        try:
+            importlib.import_module(f"napari_medssl.models.{mod}")
+        except ModuleNotFoundError as err:  # a family not written yet
+            if err.name != f"napari_medssl.models.{mod}":
+                raise
+    _loaded = True
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Names of registered models, optionally only one family (``"mae"``, ``"unet"`` ...)."""
+    _load_families()
+    names = sorted(_REGISTRY)
+    if family is not None:
+        names = [n for n in names if n.rsplit("_", 1)[0] == family]
+    return names
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: ``<family>_<size>``, e.g. ``"mae_tiny"``; see :func:`list_models`.
+        **overrides: keyword arguments passed to the builder (``num_classes``, ``in_chans`` ...).
+
+    Raises:
+        ValueError: the name is not registered.
+    """
+    _load_families()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
+    model = _REGISTRY[name](**overrides)
+    model.config = {"name": name, **_jsonable(overrides)}
+    return model
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, tuple):
+            v = list(v)
+        json.dumps(v)  # raises TypeError for values a checkpoint could not record
+        out[k] = v
+    return out
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights and config to a safetensors file, atomically.
+
+    Args:
+        model: a model built by :func:`create_model` (it has ``model.config``).
+        path: destination ``.safetensors`` file.
+        extra: more JSON-serialisable facts to keep in the metadata (metrics, class names ...).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = _untie(state)
+    meta = {"config": json.dumps(getattr(model, "config", {})), "extra": json.dumps(extra or {})}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; clone the later ones."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        if ptr in seen and ptr != -1:
+            v = v.clone()
+        seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Read a safetensors checkpoint: ``(state_dict, config, extra)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a safetensors file (pickles are refused, never unpickled).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a safetensors checkpoint ({err}); only safetensors weights are accepted "
+            "(pickled .pt/.pth files are refused because unpickling can run code)"
+        ) from None
+    try:
+        config = json.loads(meta.get("config", "{}"))
+        extra = json.loads(meta.get("extra", "{}"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: checkpoint metadata is not valid JSON ({err})") from None
+    return state, config, extra
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
+    """Rebuild a model from a checkpoint written by :func:`save_model`.
+
+    Raises:
+        ValueError: not a safetensors file, no model config in it, or weights that do not fit the model.
+    """
+    state, config, extra = read_checkpoint(path)
+    if "name" not in config:
+        raise ValueError(f"{path}: no model config in the checkpoint metadata; cannot tell which model it is")
+    name = config.pop("name")
+    config.update(overrides)
+    model = create_model(name, **config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit {name}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    model.checkpoint_extra = extra
+    return model.to(map_location)
