@@ -20,6 +20,7 @@ from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY_MODULES = (
+    "vit",
     "mae",
     "dino",
     "msmae",

@@ -1,0 +1,55 @@
+"""State the three docks of one viewer share: the model in use and fine-tuned checkpoints.
+
+The Model dock publishes the model the user picked; the Fine-tune dock reads it as the starting point and,
+when training ends, publishes the best checkpoint, which the Model dock swaps in. One session per viewer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+from qtpy.QtCore import QObject, Signal
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the Model dock has selected.
+
+    Attributes:
+        source: a zoo name or a ``.safetensors`` path (what ``zoo.load`` accepts).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+        label: a short text for the user.
+    """
+
+    source: str
+    device: str = "auto"
+    label: str = ""
+
+
+class Session(QObject):
+    """Signals between the docks of one viewer."""
+
+    model_changed = Signal(object)  # ModelChoice
+    checkpoint_ready = Signal(str)  # path of a fine-tuned checkpoint
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: ModelChoice | None = None
+
+    def set_model(self, choice: ModelChoice | None) -> None:
+        """Publish the selected model."""
+        self.model = choice
+        self.model_changed.emit(choice)
+
+
+_SESSIONS: dict[int, Session] = {}
+
+
+def get_session(viewer: object) -> Session:
+    """The session of ``viewer`` (created on first use, dropped when the viewer is collected)."""
+    key = id(viewer)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = Session()
+        weakref.finalize(viewer, _SESSIONS.pop, key, None)
+    return _SESSIONS[key]

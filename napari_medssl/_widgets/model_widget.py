@@ -1,0 +1,448 @@
+"""The Model dock: pick a zoo model or a checkpoint, run it on the selected image layer.
+
+A classifier's class probabilities appear in the dock and in the image layer's ``metadata["medssl"]``; a
+segmenter's labels go into a Labels layer on the image's grid (the current 2D slice, or the whole volume).
+Inference runs in a napari thread worker with a progress bar and a Cancel button; the dock only gathers values
+and calls :mod:`napari_medssl.inference`.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_info
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_medssl._widgets._common import LayerCombo, current_plane, report_error
+from napari_medssl._widgets._session import ModelChoice, get_session
+
+CHECKPOINT_ITEM = "Checkpoint file…"
+SCOPES = ("current slice", "whole volume")
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal)."""
+
+    progressed = Signal(int, int)
+
+
+def zoo_entries() -> list[str]:
+    """Names of the models in the zoo (empty when the zoo is not available)."""
+    try:
+        from napari_medssl import zoo
+    except ImportError:
+        return []
+    return list(zoo.list_zoo())
+
+
+def zoo_card(name: str) -> dict[str, Any]:
+    """The model card of a zoo model, or ``{}``."""
+    from napari_medssl import zoo
+
+    return dict(zoo.card(name) or {})
+
+
+def load_model(source: str, device: str) -> Any:
+    """Load a zoo model by name or a ``.safetensors`` checkpoint onto ``device`` (``auto`` resolves)."""
+    from napari_medssl import zoo
+
+    return zoo.load(source, device=device)
+
+
+def summarize_card(card: dict[str, Any], model: Any = None) -> str:
+    """A short HTML summary of a model card (or, without one, of a loaded model's config)."""
+    if not card and model is None:
+        return "<i>no model card</i>"
+    rows: list[tuple[str, str]] = []
+    for key in ("name", "description", "task", "architecture", "data", "licence"):
+        val = card.get(key)
+        if isinstance(val, dict):
+            val = val.get("name") or _short(val)
+        if val:
+            rows.append((key, val if isinstance(val, str) else _short(val)))
+    metrics = card.get("metrics")
+    if isinstance(metrics, dict):
+        shown = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        if shown:
+            rows.append(("metrics", ", ".join(f"{k} {v:.3g}" for k, v in list(shown.items())[:4])))
+    classes = class_names(model, card)
+    if classes:
+        rows.append(("classes", ", ".join(classes)))
+    if model is not None:
+        rows.append(("model", f"{getattr(model, 'config', {}).get('name', type(model).__name__)}"))
+        rows.append(("task", str(getattr(model, "task", "?"))))
+        rows.append(
+            ("input", f"{getattr(model, 'spatial_dims', 2)}D, {getattr(model, 'in_chans', 1)} channel(s)")
+        )
+    seen: set[str] = set()
+    lines = []
+    for k, v in rows:
+        if k in seen:
+            continue
+        seen.add(k)
+        lines.append(f"<b>{html.escape(k)}</b>: {html.escape(str(v))}")
+    return "<br>".join(lines)
+
+
+def _short(val: Any) -> str:
+    if isinstance(val, dict):
+        return ", ".join(f"{k}={v}" for k, v in list(val.items())[:4])
+    if isinstance(val, list | tuple):
+        return ", ".join(str(v) for v in val[:6])
+    return str(val)
+
+
+def class_names(model: Any, card: dict[str, Any] | None = None) -> list[str]:
+    """Class names from the checkpoint's metadata or the card; ``class 0 … K-1`` otherwise."""
+    extra = getattr(model, "checkpoint_extra", None) or {}
+    card = card or {}
+    for names in (extra.get("class_names"), card.get("class_names"), card.get("classes")):
+        if isinstance(names, list | tuple) and names:
+            return [str(n) for n in names]
+        if isinstance(names, dict) and names:
+            return [str(names[k]) for k in sorted(names, key=lambda k: int(k))]
+    k = int(getattr(model, "num_classes", 0) or 0) if model is not None else 0
+    return [f"class {i}" for i in range(k)]
+
+
+def run_model(
+    model: Any, image: np.ndarray, rgb: bool, device: str, progress_cb: Any, cancel: Any
+) -> np.ndarray:
+    """Probabilities (classifier) or labels (segmenter) for an image, plane or volume (worker thread)."""
+    from napari_medssl import inference
+
+    kw = dict(device=device, rgb=rgb, progress=progress_cb, cancel=cancel)
+    if getattr(model, "task", None) == "classify":
+        return inference.classify(model, image, **kw)
+    if getattr(model, "task", None) == "segment":
+        return inference.segment(model, image, **kw)
+    raise ValueError(
+        f"this model's task is {getattr(model, 'task', None)!r}: it has no classification or segmentation "
+        "head. Fine-tune it first (Fine-tune dock), or pick a classifier or segmenter."
+    )
+
+
+class ModelWidget(QWidget):
+    """Dock: choose a model, a device and an image layer; Run shows probabilities or adds labels."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self._models: dict[tuple[str, str], Any] = {}
+        self._worker: Any = None
+        self._cancel = threading.Event()
+        self._relay = _Relay()
+        self._pbar: progress | None = None
+        self.last_result: Any = None
+
+        self.model_combo = QComboBox()
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("path to a .safetensors checkpoint")
+        self.browse_btn = QPushButton("Browse…")
+        self.card_label = QLabel()
+        self.card_label.setWordWrap(True)
+        self.card_label.setTextFormat(Qt.TextFormat.RichText)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.image_combo = LayerCombo(napari_viewer, Image)
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(SCOPES)
+        self.run_btn = QPushButton("Run")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.result_label = QLabel()
+        self.result_label.setWordWrap(True)
+        self.result_label.setTextFormat(Qt.TextFormat.RichText)
+        self.status_label = QLabel()
+        self.status_label.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Model", self.model_combo)
+        path_row = QHBoxLayout()
+        path_row.addWidget(self.path_edit)
+        path_row.addWidget(self.browse_btn)
+        form.addRow("Checkpoint", path_row)
+        form.addRow(self.card_label)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Run on", self.scope_combo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_btn)
+        buttons.addWidget(self.cancel_btn)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.result_label)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+        self.model_combo.currentTextChanged.connect(self._on_model_changed)
+        self.path_edit.editingFinished.connect(self._on_model_changed)
+        self.browse_btn.clicked.connect(self._browse)
+        self.device_combo.currentTextChanged.connect(self._on_model_changed)
+        self.run_btn.clicked.connect(self.run)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self._relay.progressed.connect(self._on_progress)
+        self.session.checkpoint_ready.connect(self.use_checkpoint)
+        self.refresh_zoo()
+
+    # -- model choice -------------------------------------------------------------------------------------------
+    def refresh_zoo(self) -> None:
+        """Re-list the zoo models (plus the checkpoint-file entry)."""
+        current = self.model_combo.currentText()
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        try:
+            names = zoo_entries()
+        except Exception as err:  # a broken zoo folder must not break the dock
+            report_error(err, "Cannot list the model zoo")
+            names = []
+        self.model_combo.addItems([*names, CHECKPOINT_ITEM])
+        if current and self.model_combo.findText(current) >= 0:
+            self.model_combo.setCurrentText(current)
+        self.model_combo.blockSignals(False)
+        self._on_model_changed()
+
+    def source(self) -> str:
+        """The zoo name or checkpoint path selected now ('' when none)."""
+        name = self.model_combo.currentText()
+        if name == CHECKPOINT_ITEM:
+            return self.path_edit.text().strip()
+        return name
+
+    def select(self, source: str, device: str | None = None) -> None:
+        """Select a zoo model by name, or a checkpoint by path."""
+        if device is not None:
+            self.device_combo.setCurrentText(device)
+        if self.model_combo.findText(source) >= 0:
+            self.model_combo.setCurrentText(source)
+        else:
+            self.path_edit.setText(str(source))
+            self.model_combo.setCurrentText(CHECKPOINT_ITEM)
+        self._on_model_changed()
+
+    def use_checkpoint(self, path: str) -> None:
+        """Swap in a fine-tuned checkpoint (called when the Fine-tune dock finishes)."""
+        self.select(str(path))
+        show_info(f"Model dock now uses the fine-tuned checkpoint {Path(path).name}")
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Model checkpoint", "", "safetensors (*.safetensors)")
+        if path:
+            self.select(path)
+
+    def _on_model_changed(self, *_: Any) -> None:
+        is_file = self.model_combo.currentText() == CHECKPOINT_ITEM
+        self.path_edit.setEnabled(is_file)
+        self.browse_btn.setEnabled(is_file)
+        src = self.source()
+        card: dict[str, Any] = {}
+        if src and not is_file:
+            try:
+                card = zoo_card(src)
+            except Exception as err:
+                report_error(err, f"Cannot read the model card of {src}")
+        model = self._cached_model(src) if src and is_file and Path(src).is_file() else None
+        self.card_label.setText(summarize_card(card, model) if src else "<i>choose a model</i>")
+        label = Path(src).name if is_file else src
+        self.session.set_model(ModelChoice(src, self.device_combo.currentText(), label) if src else None)
+
+    def _cached_model(self, src: str) -> Any:
+        try:
+            return self.model(src)
+        except Exception as err:
+            report_error(err, f"Cannot load {src}")
+            return None
+
+    def model(self, source: str | None = None) -> Any:
+        """The loaded model for ``source`` (default: the selection), cached per (source, device, file time)."""
+        source = source or self.source()
+        if not source:
+            raise ValueError("no model selected: pick a zoo model or a .safetensors checkpoint file")
+        device = self.device_combo.currentText()
+        stamp = Path(source).stat().st_mtime if Path(source).is_file() else 0
+        key = (source, device, stamp)
+        if key not in self._models:
+            self._models[key] = load_model(source, device)
+        return self._models[key]
+
+    # -- running ------------------------------------------------------------------------------------------------
+    def run(self) -> Any:
+        """Run the selected model on the selected image (in a worker thread); return the worker."""
+        if self._worker is not None:
+            show_info("A model is already running; cancel it first")
+            return None
+        try:
+            layer = self.image_combo.layer()
+            if layer is None:
+                raise ValueError("no image layer: open an image first")
+            model = self.model()
+            job = self._plan(model, layer)
+        except Exception as err:
+            report_error(err, "Cannot run the model")
+            return None
+        self._cancel.clear()
+        self._pbar = progress(total=0, desc=f"{self.source()} on {layer.name}")
+        self.run_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.status_label.setText("running…")
+        device = self.device_combo.currentText()
+        worker = create_worker(
+            run_model, model, job["image"], job["rgb"], device, self._relay.progressed.emit, self._cancel
+        )
+        worker.returned.connect(lambda out: self._show(model, layer, job, out))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def _plan(self, model: Any, layer: Image) -> dict[str, Any]:
+        """What to feed the model: the whole image/volume or the current plane."""
+        rgb = bool(layer.rgb)
+        spatial = layer.ndim
+        model_dims = int(getattr(model, "spatial_dims", 2))
+        if spatial > 3:
+            raise ValueError(f"images with {spatial} axes are not supported; use a 2D image or a 3D volume")
+        if model_dims == 3 and spatial != 3:
+            raise ValueError(f"{self.source()} is a 3D model and needs a volume; {layer.name!r} is 2D")
+        whole = spatial == 2 or model_dims == 3 or self.scope_combo.currentText() == "whole volume"
+        if whole:
+            return {"image": np.asarray(layer.data), "rgb": rgb, "plane": None}
+        plane = current_plane(self.viewer, layer)
+        return {"image": plane.data, "rgb": False, "plane": plane}
+
+    def cancel(self) -> None:
+        """Ask the running inference to stop (it stops after the current batch)."""
+        self._cancel.set()
+        self.status_label.setText("cancelling…")
+
+    def _on_progress(self, done: int, total: int) -> None:
+        if self._pbar is not None:
+            self._pbar.total = total
+            self._pbar.n = done
+            self._pbar.refresh()
+
+    def _on_error(self, err: BaseException) -> None:
+        from napari_medssl.inference import Cancelled
+
+        if isinstance(err, Cancelled):
+            self.status_label.setText("cancelled")
+            show_info("Inference cancelled")
+        else:
+            self.status_label.setText(f"failed: {err}")
+            report_error(err, "Inference failed")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.run_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+
+    def _show(self, model: Any, layer: Image, job: dict[str, Any], out: np.ndarray) -> None:
+        """Put a finished result into the dock and the viewer (GUI thread)."""
+        self.last_result = out
+        names = class_names(model, self._card())
+        if getattr(model, "task", None) == "classify":
+            self._show_probabilities(layer, job, out, names)
+        else:
+            self._show_labels(layer, job, out, names)
+        self.status_label.setText("done")
+
+    def _card(self) -> dict[str, Any]:
+        src = self.source()
+        if self.model_combo.currentText() == CHECKPOINT_ITEM:
+            return {}
+        try:
+            return zoo_card(src)
+        except Exception:
+            return {}
+
+    def _show_probabilities(
+        self, layer: Image, job: dict[str, Any], probs: np.ndarray, names: list[str]
+    ) -> None:
+        per_slice = probs.ndim == 2
+        shown = probs.mean(axis=0) if per_slice else probs
+        rows = []
+        best = int(np.argmax(shown))
+        for i, p in enumerate(shown):
+            name = names[i] if i < len(names) else f"class {i}"
+            bar = "█" * int(round(20 * float(p)))
+            weight = "b" if i == best else "span"
+            rows.append(
+                f"<tr><td><{weight}>{html.escape(name)}</{weight}></td><td>{p:.3f}</td><td>{bar}</td></tr>"
+            )
+        where = (
+            "mean over slices" if per_slice else ("current slice" if job["plane"] is not None else "image")
+        )
+        self.result_label.setText(
+            f"<b>{html.escape(self.source())}</b> ({where})<table>{''.join(rows)}</table>"
+        )
+        result = {
+            "model": self.source(),
+            "task": "classify",
+            "class_names": names,
+            "probabilities": shown.tolist(),
+            "prediction": names[best] if best < len(names) else best,
+        }
+        if per_slice:
+            result["per_slice"] = probs.tolist()
+        if job["plane"] is not None:
+            result["slice"] = [i for i in job["plane"].index]
+        layer.metadata = {
+            **layer.metadata,
+            "medssl": {**layer.metadata.get("medssl", {}), "classification": result},
+        }
+
+    def _show_labels(self, layer: Image, job: dict[str, Any], labels: np.ndarray, names: list[str]) -> None:
+        shape = tuple(layer.data.shape[: layer.ndim])
+        name = f"{layer.name} segmentation"
+        target = self.viewer.layers[name] if name in self.viewer.layers else None
+        if target is None or tuple(target.data.shape) != shape:
+            if target is not None:
+                self.viewer.layers.remove(target)
+            target = self.viewer.add_labels(
+                np.zeros(shape, dtype=np.uint8),
+                name=name,
+                scale=layer.scale,
+                translate=layer.translate,
+                opacity=0.5,
+            )
+        data = target.data
+        plane = job["plane"]
+        if plane is None:
+            data[...] = labels
+        else:
+            data[tuple(slice(None) if i is None else i for i in plane.index)] = labels
+        target.data = data
+        target.metadata = {**target.metadata, "medssl": {"model": self.source(), "class_names": names}}
+        counts = np.bincount(labels.ravel(), minlength=len(names))
+        parts = [f"{names[i] if i < len(names) else i}: {int(c)}" for i, c in enumerate(counts) if i > 0]
+        self.result_label.setText(
+            f"<b>{html.escape(name)}</b><br>voxels per class: {html.escape(', '.join(parts))}"
+        )
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt override)
+        self._cancel.set()
+        super().closeEvent(event)

@@ -1,0 +1,373 @@
+"""Training as a generator of events: ``train(config)`` for pretraining and fine-tuning alike.
+
+Events are plain dicts (see ``napari_medssl/README.md``)::
+
+    {"event": "step", "step", "total_steps", "loss", "lr"}
+    {"event": "val", "step", "metrics": {...}}
+    {"event": "checkpoint", "step", "path", "best": bool}
+    {"event": "done", "best_path", "metrics", "last_path", "step"}
+
+The loop never prints or exits; closing the generator stops training. Under ``torchrun`` (``WORLD_SIZE`` > 1
+in the environment) it runs with DistributedDataParallel (gloo on CPU, NCCL on CUDA) and a distributed
+sampler; every rank yields step events, only rank 0 validates, writes and yields val/checkpoint events.
+
+Axis legend: B batch, C channels, Z Y X space, K classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from napari_medssl.engine import distributed as dist_utils
+from napari_medssl.engine.augment import IGNORE, augment_batch
+from napari_medssl.engine.build import build_model, count_params, param_groups
+from napari_medssl.engine.checkpoint import RunFolder
+from napari_medssl.engine.config import TrainConfig
+from napari_medssl.engine.data import DataSource, open_data
+from napari_medssl.engine.evaluate import evaluate_cases
+from napari_medssl.engine.samples import SampleSet, choose_size
+from napari_medssl.engine.split import load_split, save_split, select, split_for
+from napari_medssl.inference import pick_device
+
+DEFAULT_BEST = {"segment": "mean_dice", "classify": "auc", "pretrain": "val_loss"}
+LOWER_IS_BETTER = ("val_loss", "loss")
+
+
+def train(config: TrainConfig) -> Iterator[dict[str, Any]]:
+    """Run ``config`` and yield its events (see the module docstring)."""
+    return Trainer(config).run()
+
+
+def pretrain(config: TrainConfig) -> Iterator[dict[str, Any]]:
+    """:func:`train` with ``task="pretrain"``."""
+    config.task = "pretrain"
+    return train(config)
+
+
+def finetune(config: TrainConfig) -> Iterator[dict[str, Any]]:
+    """:func:`train` for ``"classify"`` or ``"segment"``."""
+    if config.task == "pretrain":
+        raise ValueError("finetune needs task 'classify' or 'segment'")
+    return train(config)
+
+
+class SkipSampler(DistributedSampler):
+    """A DistributedSampler that can start part-way into an epoch (for exact resumes)."""
+
+    start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+class LossModule(nn.Module):
+    """``forward(x, y) -> loss``: the objective of a task, so DDP sees one forward per step.
+
+    Segmentation: cross-entropy + soft Dice over foreground classes (ignored voxels left out).
+    Classification: (class-weighted) cross-entropy. Pretraining: ``model.pretrain_loss(x, y)``.
+    """
+
+    def __init__(self, model: nn.Module, task: str, class_weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.task == "pretrain":
+            labelled = y.ndim == 1 and bool((y >= 0).any())
+            return self.model.pretrain_loss(x, y if labelled else None)["loss"]
+        logits = self.model(x).float()
+        if self.task == "classify":
+            return F.cross_entropy(logits, y, weight=self.class_weights, ignore_index=IGNORE)
+        return F.cross_entropy(logits, y, ignore_index=IGNORE) + soft_dice_loss(logits, y)
+
+
+def soft_dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1 − mean soft Dice over foreground classes; ``logits (B, K, *S)``, ``y (B, *S)`` with -100 ignored."""
+    k = logits.shape[1]
+    valid = (y != IGNORE).unsqueeze(1)
+    probs = torch.softmax(logits, 1) * valid
+    onehot = F.one_hot(y.clamp(min=0), k).movedim(-1, 1) * valid
+    dims = (0, *range(2, logits.ndim))
+    inter = (probs * onehot).sum(dims)[1:]
+    denom = (probs + onehot).sum(dims)[1:]
+    if k < 2:
+        return logits.sum() * 0
+    return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr · min_lr_ratio`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    t = min(1.0, (step - config.warmup_steps) / span)
+    low = config.lr * config.min_lr_ratio
+    return low + (config.lr - low) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _is_better(value: float, best: float | None, metric: str) -> bool:
+    if not np.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+class Trainer:
+    """One training run; :meth:`run` is the generator. Attributes are there for tests and the viewer.
+
+    Attributes (set by :meth:`run`): ``model`` (unwrapped), ``source``, ``split``, ``train_set``, ``val_cases``,
+    ``size``, ``device``, ``rank``, ``world_size``.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.folder = RunFolder(config.out_dir)
+        self.model: nn.Module | None = None
+
+    def _setup_data(self) -> None:
+        cfg = self.config
+        self.source: DataSource = open_data(cfg.data)
+        if cfg.task != "pretrain" and self.source.task not in (cfg.task, None):
+            raise ValueError(f"the data are labelled for {self.source.task!r}, not {cfg.task!r}: {self.source.description}")
+        if cfg.task != "pretrain" and self.source.task is None:
+            raise ValueError(f"{cfg.task} needs labelled data; {self.source.description} has no labels")
+        cases = self.source.cases()
+        saved = self.folder.dir / "split.json"
+        if cfg.resume and saved.is_file():
+            self.split = load_split(saved)
+        elif cfg.split_file:
+            self.split = load_split(cfg.split_file)
+        else:
+            self.split = split_for(self.source, cases, cfg.val_fraction, cfg.seed)
+        self.train_cases = select(cases, self.split["train"], "train split")
+        self.val_cases = select(cases, self.split["val"], "val split")
+        if not self.train_cases:
+            raise ValueError("the training split is empty; lower val_fraction or add data")
+
+    def _num_classes(self) -> int:
+        cfg = self.config
+        if cfg.num_classes:
+            return cfg.num_classes
+        if cfg.task == "pretrain":
+            return 0
+        if cfg.label_map:
+            return max(cfg.label_map.values()) + 1
+        return self.source.num_classes()
+
+    def _class_names(self, num_classes: int) -> list[str] | None:
+        names = self.source.class_names
+        if names and len(names) == num_classes and not self.config.label_map:
+            return list(names)
+        return [str(i) for i in range(num_classes)] if num_classes else None
+
+    def _extra(self, metrics: dict[str, float] | None) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "task": cfg.task,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "sample_size": list(self.size),
+            "slice_axis": cfg.slice_axis,
+            "data": self.source.description,
+            "split_file": "split.json",
+            "split_val": self.split["val"],
+            "seed": cfg.seed,
+            "metrics": metrics or {},
+            "train_config": cfg.to_json(),
+        }
+
+    def run(self) -> Iterator[dict[str, Any]]:
+        """The training generator (see the module docstring)."""
+        cfg = self.config
+        owns_pg = dist_utils.init_from_env(cfg.device)
+        try:
+            yield from self._run()
+        finally:
+            if owns_pg:
+                dist_utils.cleanup()
+
+    def _run(self) -> Iterator[dict[str, Any]]:
+        cfg = self.config
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self.device = dist_utils.local_device(pick_device(cfg.device))
+        torch.manual_seed(cfg.seed)
+        self._setup_data()
+        in_chans = int(self.train_cases[0].load()[0].shape[0])
+        self.num_classes = self._num_classes()
+        self.class_names = self._class_names(self.num_classes)
+        model, self.build_info = build_model(cfg.model, cfg.task, self.num_classes, in_chans, cfg.model_overrides)
+        self.model = model
+        dims = int(getattr(model, "spatial_dims", 2))
+        chans = int(getattr(model, "in_chans", in_chans))
+        common = dict(task=cfg.task, model_dims=dims, in_chans=chans, slice_axis=cfg.slice_axis)
+        common.update(ignore_index=cfg.ignore_index, label_map=cfg.label_map, seed=cfg.seed)
+        self.train_set = SampleSet(self.train_cases, train=True, **common)
+        self.val_set = SampleSet(self.val_cases, train=False, **common) if self.val_cases else None
+        model_size = getattr(model, "input_size", None)
+        shapes = [] if model_size or cfg.patch_size else self.train_set.spatial_shapes()
+        self.size = choose_size(model_size, cfg.patch_size, cfg.task, shapes, dims)
+        self.train_set.set_size(self.size)
+        if self.val_set is not None:
+            self.val_set.set_size(self.size)
+        model.checkpoint_extra = {"sample_size": list(self.size), "class_names": self.class_names}
+        model.to(self.device)
+
+        class_weights = None
+        if cfg.task == "classify" and cfg.balance_classes:
+            counts = self.train_set.class_counts(self.num_classes)
+            w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
+            class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
+        loss_module = LossModule(model, cfg.task, class_weights).to(self.device)
+        wrapped = dist_utils.wrap(loss_module, self.device)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+        aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+
+        record: dict[str, Any] = {"best_value": None, "best_step": None, "best_metrics": None}
+        step = 0
+        last = self.folder.read_last() if cfg.resume else None
+        if last is not None:
+            from napari_medssl.models.registry import read_checkpoint
+
+            state, _, _ = read_checkpoint(self.folder.dir / last["weights"])
+            model.load_state_dict(state)
+            rng = self.folder.load_optim(last, optimizer)
+            torch.set_rng_state(rng["torch"])
+            if self.rank == 0:
+                aug_gen.set_state(rng["augment0"])
+            else:  # other ranks' augmentation streams are not saved: reseed them by step
+                aug_gen.manual_seed(cfg.seed * 1000 + self.rank + 7919 * int(last["step"]))
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            step = int(last["step"])
+            record = {k: last.get(k) for k in record}
+        elif self.rank == 0:
+            self.folder.dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.folder.dir / "config.json")
+            save_split(self.split, self.folder.dir / "split.json", seed=cfg.seed, data=self.source.description,
+                       val_fraction=cfg.val_fraction)
+            info = {k: v for k, v in self.build_info.items() if k != "extra"}
+            self.folder.log({"event": "start", "params": count_params(model), "size": list(self.size),
+                             "n_train": len(self.train_set), "n_val": len(self.val_cases), **info})
+        dist_utils.barrier()
+
+        sampler = SkipSampler(self.train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                              seed=cfg.seed)
+        drop_last = len(sampler) >= cfg.batch_size
+        loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                            num_workers=cfg.num_workers)
+        per_epoch = max(1, len(loader))
+        best_metric = cfg.best_metric or DEFAULT_BEST[cfg.task]
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda" else nullcontext()
+        metrics: dict[str, float] = dict(record.get("best_metrics") or {})
+        hook = getattr(model, "on_train_step", None)
+        last_path: Path | None = None
+
+        while step < cfg.max_steps:
+            epoch = step // per_epoch
+            sampler.set_epoch(epoch)
+            sampler.start = (step % per_epoch) * cfg.batch_size
+            self.train_set.set_epoch(epoch)
+            for batch in loader:
+                x = batch["image"].to(self.device, non_blocking=True)
+                y = batch["label"].to(self.device, non_blocking=True)
+                if cfg.augment:
+                    x, y = augment_batch(x, y, aug_gen, cfg.flip_axes)
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                model.train()
+                with amp:
+                    loss = wrapped(x, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                if callable(hook):
+                    hook(step, cfg.max_steps)
+                yield {"event": "step", "step": step, "total_steps": cfg.max_steps, "loss": float(loss), "lr": lr}
+                if step % cfg.val_every == 0 or step == cfg.max_steps:
+                    if self.rank == 0:
+                        metrics = self.validate(loss_module)
+                        yield {"event": "val", "step": step, "metrics": metrics}
+                        self.folder.log({"event": "val", "step": step, "metrics": metrics})
+                        value = metrics.get(best_metric, float("nan")) if best_metric != "last" else 0.0
+                        is_best = best_metric == "last" or _is_better(value, record["best_value"], best_metric)
+                        if is_best:
+                            record.update(best_value=value, best_step=step, best_metrics=metrics)
+                        rng = {"torch": torch.get_rng_state(), "augment0": aug_gen.get_state()}
+                        if self.device.type == "cuda":
+                            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+                        extra = self._extra(metrics)
+                        last_path = self.folder.save_last(model, optimizer, step, extra, record, rng)
+                        yield {"event": "checkpoint", "step": step, "path": str(last_path), "best": False}
+                        if is_best:
+                            best = self.folder.save_best(model, extra)
+                            yield {"event": "checkpoint", "step": step, "path": str(best), "best": True}
+                    dist_utils.barrier()
+                if step >= cfg.max_steps:
+                    break
+        if last_path is None and last is not None:
+            last_path = self.folder.dir / last["weights"]
+        best_path = self.folder.best_path
+        yield {
+            "event": "done",
+            "step": step,
+            "best_path": str(best_path) if best_path.is_file() else None,
+            "last_path": None if last_path is None else str(last_path),
+            "metrics": record.get("best_metrics") or metrics,
+        }
+
+    @torch.no_grad()
+    def validate(self, loss_module: LossModule) -> dict[str, float]:
+        """Metrics on the validation cases (training loss on the train sample when there is no val split)."""
+        model = self.model
+        assert model is not None
+        if self.val_set is None:
+            return {}
+        if self.config.task == "pretrain":
+            return {"val_loss": self._val_loss(loss_module)}
+        return evaluate_cases(model, self.val_set, device=self.device, batch_size=self.config.batch_size)
+
+    def _val_loss(self, loss_module: LossModule) -> float:
+        assert self.val_set is not None
+        loader = DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False)
+        was_training = loss_module.training
+        loss_module.eval()
+        total, n = 0.0, 0
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed + 12345)
+            for batch in loader:
+                x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+                total += float(loss_module(x, y)) * len(x)
+                n += len(x)
+        loss_module.train(was_training)
+        return total / max(n, 1)
+
+
+def read_events(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The events logged in a run folder's ``events.jsonl``."""
+    path = Path(out_dir) / "events.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

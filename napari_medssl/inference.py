@@ -1,0 +1,348 @@
+"""Classify and segment arrays with a model: 2D images, volumes slice by slice (2D models) or whole (3D models).
+
+One code path for the viewer, the CLI and validation during training. Every function takes the *raw* array
+(any intensity range) and applies :func:`napari_medssl.transforms.normalize_intensity` to the whole image or
+volume, exactly as training does, then:
+
+- ``segment``: forwards at native resolution. Models with a fixed ``input_size`` (or a training ``sample_size``
+  recorded in their checkpoint) see windows of that size: smaller images are zero-padded and cropped back,
+  larger ones are covered by overlapping sliding windows whose softmax outputs are averaged.
+- ``classify``: resizes each image (or slice) to the model's ``input_size`` / ``sample_size`` when set.
+
+Image layouts: ``(Y, X)``, ``(Y, X, 3)`` RGB, ``(Z, Y, X)`` volumes. A 2D model works on a volume slice by
+slice along ``slice_axis``. Long runs take ``progress(done, total)`` and ``cancel`` (a callable returning
+``True``, or a ``threading.Event``); a cancelled run raises :class:`Cancelled`.
+
+Axis legend: B batch, C channels, Z Y X space, K classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_medssl.transforms import normalize_intensity
+
+__all__ = [
+    "Cancelled",
+    "classify",
+    "image_spatial_dims",
+    "pick_device",
+    "predict",
+    "prepare_image",
+    "resize",
+    "segment",
+    "segment_probabilities",
+]
+
+Progress = Callable[[int, int], Any] | None
+Cancel = Callable[[], bool] | Any | None
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class Cancelled(RuntimeError):
+    """Raised when an inference run is cancelled through its ``cancel`` argument."""
+
+
+def pick_device(kind: str | torch.device = "auto") -> torch.device:
+    """The torch device for ``kind``: ``"auto"`` tries CUDA, then Apple MPS, then the CPU.
+
+    Raises:
+        ValueError: an unknown kind, or a device that is not available here.
+    """
+    if isinstance(kind, torch.device):
+        return kind
+    kind = str(kind).lower()
+    base = kind.split(":")[0]
+    if base not in DEVICES:
+        raise ValueError(f"unknown device {kind!r}; use one of {', '.join(DEVICES)} (or cuda:N)")
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps and mps.is_available())
+    if base == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_ok else torch.device("cpu")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if base == "mps" and not mps_ok:
+        raise ValueError("device 'mps' asked for, but Apple MPS is not available; use 'auto' or 'cpu'")
+    return torch.device(kind)
+
+
+def _check_cancel(cancel: Cancel) -> None:
+    if cancel is None:
+        return
+    flag = cancel.is_set() if hasattr(cancel, "is_set") else cancel()
+    if flag:
+        raise Cancelled("inference cancelled")
+
+
+def image_spatial_dims(image: np.ndarray, rgb: bool | None = None) -> int:
+    """2 for ``(Y, X)`` and ``(Y, X, 3)``, 3 for ``(Z, Y, X)``; ``rgb`` settles a ``(Y, X, 3)``-shaped volume.
+
+    Raises:
+        ValueError: any other number of axes.
+    """
+    if image.ndim == 2:
+        return 2
+    if image.ndim == 3:
+        if rgb is None:
+            rgb = image.shape[-1] in (3, 4) and image.shape[0] > 4
+        return 2 if rgb else 3
+    if image.ndim == 4 and image.shape[-1] in (3, 4):
+        return 3
+    raise ValueError(f"expected (Y, X), (Y, X, 3) or (Z, Y, X) image, got shape {image.shape}")
+
+
+def prepare_image(image: np.ndarray, in_chans: int, rgb: bool | None = None) -> np.ndarray:
+    """Normalise intensities and move channels first: ``(C, *spatial)`` float32 in [0, 1], ``C = in_chans``.
+
+    Gray images are repeated to 3 channels for RGB models; RGB images are averaged for 1-channel models.
+    """
+    image = np.asarray(image)
+    dims = image_spatial_dims(image, rgb)
+    arr = image[None] if image.ndim == dims else np.moveaxis(image[..., :3], -1, 0)
+    return match_channels(normalize_intensity(arr), in_chans)
+
+
+def match_channels(arr: np.ndarray, in_chans: int) -> np.ndarray:
+    """``(C, *spatial)`` → ``(in_chans, *spatial)``: repeat gray to RGB, average RGB to gray."""
+    c = arr.shape[0]
+    if c == in_chans:
+        return arr
+    if c == 1:
+        return np.repeat(arr, in_chans, axis=0)
+    if in_chans == 1:
+        return arr.mean(axis=0, keepdims=True)
+    raise ValueError(f"cannot feed a {c}-channel image to a model with {in_chans} input channels")
+
+
+def resize(x: torch.Tensor, size: tuple[int, ...], mask: bool = False) -> torch.Tensor:
+    """Resize ``(B, C, *spatial)`` to ``size``: (bi/tri)linear with antialiasing for images, nearest for masks."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    if mask:
+        return F.interpolate(x.float(), size=size, mode="nearest").to(x.dtype)
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    antialias = len(size) == 2 and any(s > t for s, t in zip(x.shape[2:], size))
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
+
+
+def model_window(model: nn.Module) -> tuple[int, ...] | None:
+    """The spatial size a model wants: ``input_size``, else the ``sample_size`` it was trained on, else None."""
+    size = getattr(model, "input_size", None)
+    if size is None:
+        size = (getattr(model, "checkpoint_extra", None) or {}).get("sample_size")
+    return None if size is None else tuple(int(s) for s in size)
+
+
+def _autocast(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(), _autocast(device):
+        return model(x.to(device)).float().cpu()
+
+
+def _windows(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> list[tuple[slice, ...]]:
+    starts = []
+    for s, w in zip(shape, window):
+        if s <= w:
+            starts.append([0])
+            continue
+        step = max(1, int(w * (1 - overlap)))
+        n = math.ceil((s - w) / step) + 1
+        starts.append(sorted({min(i * step, s - w) for i in range(n)}))
+    return [tuple(slice(a, a + w) for a, w in zip(st, window)) for st in itertools.product(*starts)]
+
+
+def _pad_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    pad: list[int] = []
+    for s, w in zip(reversed(x.shape[2:]), reversed(size)):
+        pad += [0, max(0, w - s)]
+    return F.pad(x, pad) if any(pad) else x
+
+
+def _segment_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    window: tuple[int, ...] | None,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> torch.Tensor:
+    """``(N, C, *S)`` → softmax probabilities ``(N, K, *S)``, whole or by sliding windows of size ``window``."""
+    spatial = tuple(x.shape[2:])
+    fixed = getattr(model, "input_size", None) is not None
+    _check_cancel(cancel)
+    if window is None or (all(s <= w for s, w in zip(spatial, window)) and not fixed):
+        out = []
+        total = math.ceil(len(x) / batch_size)
+        for i in range(0, len(x), batch_size):
+            out.append(torch.softmax(_forward(model, x[i : i + batch_size], device), 1))
+            if progress is not None:
+                progress(i // batch_size + 1, total)
+            _check_cancel(cancel)
+        return torch.cat(out)
+    padded = _pad_to(x, window)
+    big = tuple(padded.shape[2:])
+    wins = _windows(big, window, overlap)
+    jobs = [(n, w) for n in range(len(x)) for w in wins]
+    total = math.ceil(len(jobs) / batch_size)
+    out_sum: torch.Tensor | None = None
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        batch = torch.stack([padded[n][(slice(None), *w)] for n, w in chunk])
+        probs = torch.softmax(_forward(model, batch, device), 1)
+        if out_sum is None:
+            out_sum = torch.zeros((len(x), probs.shape[1], *big))
+        for (n, w), p in zip(chunk, probs):
+            out_sum[n][(slice(None), *w)] += p
+        if progress is not None:
+            progress(i // batch_size + 1, total)
+        _check_cancel(cancel)
+    count = torch.zeros((1, 1, *big))
+    for w in wins:
+        count[(0, 0, *w)] += 1
+    assert out_sum is not None
+    return (out_sum / count)[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
+
+
+def segment_probabilities(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    device: str | torch.device | None = None,
+    slice_axis: int = 0,
+    batch_size: int = 8,
+    overlap: float = 0.25,
+    rgb: bool | None = None,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> np.ndarray:
+    """Class probabilities ``(K, *spatial)`` for an image or volume (see the module docstring).
+
+    Args:
+        model: a ``"segment"`` model (2D or 3D).
+        image: ``(Y, X)``, ``(Y, X, 3)`` or ``(Z, Y, X)``, raw intensities.
+        device: where to run (default: the model's device).
+        slice_axis: volume axis a 2D model slices along (0 = Z).
+        batch_size: slices or windows per forward pass.
+        overlap: sliding-window overlap fraction.
+        rgb: whether a 3-axis array with 3 last entries is RGB (default: guessed).
+        progress: called as ``progress(done, total)`` after each forward pass.
+        cancel: a callable or ``threading.Event``; when it turns true, :class:`Cancelled` is raised.
+    """
+    dev = _model_device(model) if device is None else pick_device(device)
+    x = torch.from_numpy(prepare_image(image, getattr(model, "in_chans", 1), rgb))
+    dims = x.ndim - 1
+    model_dims = getattr(model, "spatial_dims", 2)
+    window = model_window(model)
+    if model_dims == 3 and dims == 2:
+        raise ValueError("a 3D model needs a (Z, Y, X) volume, got a 2D image")
+    if model_dims == 2 and dims == 3:
+        batch = x.movedim(slice_axis + 1, 0)  # slices as the batch: (N, C, *2D)
+    else:
+        batch = x[None]
+    if window is None and batch[0, 0].numel() > (512 * 512 if model_dims == 2 else 128**3):
+        window = (256, 256) if model_dims == 2 else (96, 96, 96)
+    was_training = model.training
+    model.eval()
+    try:
+        probs = _segment_batch(model, batch, dev, window, overlap, batch_size, progress, cancel)
+    finally:
+        model.train(was_training)
+    if model_dims == 2 and dims == 3:
+        probs = probs.movedim(0, slice_axis + 1)  # (K, *volume)
+    else:
+        probs = probs[0]
+    return probs.numpy()
+
+
+def segment(model: nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """Label image ``(*spatial)`` (argmax of :func:`segment_probabilities`), ``uint8`` or ``uint16``."""
+    probs = segment_probabilities(model, image, **kwargs)
+    labels = probs.argmax(0)
+    return labels.astype(np.uint8 if probs.shape[0] < 256 else np.uint16)
+
+
+def classify(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    device: str | torch.device | None = None,
+    slice_axis: int = 0,
+    batch_size: int = 16,
+    rgb: bool | None = None,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> np.ndarray:
+    """Class probabilities: ``(K,)`` for an image (or a volume with a 3D model), ``(N, K)`` per slice when a
+    2D model gets a volume (slices along ``slice_axis``)."""
+    dev = _model_device(model) if device is None else pick_device(device)
+    x = torch.from_numpy(prepare_image(image, getattr(model, "in_chans", 1), rgb))
+    dims = x.ndim - 1
+    model_dims = getattr(model, "spatial_dims", 2)
+    per_slice = model_dims == 2 and dims == 3
+    batch = x.movedim(slice_axis + 1, 0) if per_slice else x[None]
+    probs = classify_batch(model, batch, dev, batch_size, progress, cancel)
+    return probs if per_slice else probs[0]
+
+
+def classify_batch(
+    model: nn.Module,
+    batch: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 16,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> np.ndarray:
+    """Probabilities ``(N, K)`` for prepared images ``(N, C, *spatial)`` (resized to the model's size)."""
+    size = model_window(model)
+    total = math.ceil(len(batch) / batch_size)
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(batch), batch_size):
+            _check_cancel(cancel)
+            chunk = batch[i : i + batch_size]
+            if size is not None:
+                chunk = resize(chunk, size)
+            out.append(torch.softmax(_forward(model, chunk, device), 1))
+            if progress is not None:
+                progress(i // batch_size + 1, total)
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def predict(model: nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """:func:`segment` or :func:`classify`, by ``model.task``.
+
+    Raises:
+        ValueError: a model without a supervised head (task ``"pretrain"``).
+    """
+    task = getattr(model, "task", None)
+    if task == "segment":
+        return segment(model, image, **kwargs)
+    if task == "classify":
+        return classify(model, image, **kwargs)
+    raise ValueError(f"model task {task!r} cannot predict; fine-tune it for 'classify' or 'segment' first")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

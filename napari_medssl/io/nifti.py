@@ -1,0 +1,233 @@
+"""NIfTI (``.nii``, ``.nii.gz``) ↔ :class:`~napari_medssl.io.volume.Volume`.
+
+Axes: a NIfTI array is stored as ``(i, j, k)``; napari gets ``(Z, Y, X) = (k, j, i)`` (axes reversed),
+and the napari affine is the file affine with its first three columns reversed, so the writer undoes
+exactly what the reader did and a label map written on an image's grid reads back with the same
+affine and voxels.
+
+Policies (documented for users):
+
+- NaN/Inf voxels: ``nan_policy="raise"`` (the default, and what the napari reader uses) refuses the
+  file with a :class:`MedicalImageReadError` giving the count; ``nan_policy="zero"`` replaces them with
+  0, warns, and records the count in ``metadata["warnings"]``.
+- 4D and higher: trailing axes of length 1 are dropped; a real 4th axis (time points, channels,
+  diffusion directions) is refused with an error naming the shape — split it first, e.g. with
+  ``nibabel.funcs.four_to_three``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from .volume import (
+    MedicalImageReadError,
+    MedicalImageReadWarning,
+    MedicalImageWriteError,
+    Volume,
+    as_label_array,
+    check_allocation,
+    geometry_from_affine,
+    label_values,
+    source_name,
+)
+from .windows import window_presets
+
+NAN_POLICIES = ("raise", "zero")
+_REVERSE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+"""Swaps index axes 0 and 2: napari (z, y, x) ↔ NIfTI (i, j, k); it is its own inverse."""
+
+
+def _is_nifti_path(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _header_facts(img: nib.Nifti1Image) -> dict[str, Any]:
+    hdr = img.header
+    facts: dict[str, Any] = {
+        "dim": [int(v) for v in hdr["dim"]],
+        "pixdim": [float(v) for v in hdr["pixdim"]],
+        "datatype": str(hdr.get_data_dtype()),
+        "qform_code": int(hdr["qform_code"]),
+        "sform_code": int(hdr["sform_code"]),
+        "xyzt_units": [str(u) for u in hdr.get_xyzt_units()],
+        "descrip": hdr["descrip"].item().decode("latin-1", "replace").strip("\x00 "),
+        "intent_code": int(hdr["intent_code"]),
+    }
+    slope, inter = hdr.get_slope_inter()
+    if slope is not None:
+        facts["scl_slope"], facts["scl_inter"] = float(slope), float(inter or 0.0)
+    return facts
+
+
+def _guess_modality(data: np.ndarray) -> str:
+    """CT when the image holds Hounsfield-like air values (< -500), otherwise MR."""
+    return "CT" if data.size and float(data.min()) < -500 else "MR"
+
+
+def read_nifti(path: str | os.PathLike, *, nan_policy: str = "raise", modality: str | None = None) -> Volume:
+    """Read a 2D or 3D NIfTI file.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        nan_policy: ``"raise"`` (refuse NaN/Inf voxels) or ``"zero"`` (replace them with 0 and warn).
+        modality: DICOM modality code for the display window; guessed when ``None`` (``CT`` when the
+            image holds values below -500, else ``MR``) and marked ``metadata["modality_guessed"]``.
+
+    Returns:
+        A volume in ``(Z, Y, X)`` (or ``(Y, X)``) order; integer-valued volumes with few values are labels.
+        ``metadata`` holds ``affine`` (napari index → RAS), ``nifti_affine`` (file index → RAS) and
+        ``header`` facts.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        MedicalImageReadError: Not NIfTI, truncated, 4D, NaN/Inf under ``nan_policy="raise"``, or a header
+            claiming more voxels than the allocation limit.
+    """
+    path = Path(path)
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; give a .nii or .nii.gz file")
+    try:
+        img = nib.load(path)
+    except Exception as err:  # nibabel raises ImageFileError, HeaderDataError, EOFError, zlib.error ...
+        raise MedicalImageReadError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise MedicalImageReadError(path, f"a {type(img).__name__}, not a NIfTI-1/2 image")
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 3:
+        raise MedicalImageReadError(
+            path,
+            f"a {len(shape)}D image of shape {shape} ({int(np.prod(shape[3:]))} volumes along the 4th+ axes); "
+            "napari-medssl reads 2D and 3D images: split it first (nibabel.funcs.four_to_three)",
+        )
+    if len(shape) < 2:
+        raise MedicalImageReadError(path, f"a {len(shape)}D image of shape {shape}; expected 2D or 3D")
+    dtype = img.header.get_data_dtype()
+    check_allocation(path, shape, max(dtype.itemsize, 4))
+    if path.name.lower().endswith(".nii"):
+        needed = int(img.header["vox_offset"]) + int(np.prod(img.shape)) * dtype.itemsize
+        if path.stat().st_size < needed:
+            raise MedicalImageReadError(
+                path,
+                f"the header claims {img.shape} voxels of {dtype} ({needed:,} bytes with the header) but the file "
+                f"holds {path.stat().st_size:,} bytes (truncated file or wrong header)",
+            )
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except Exception as err:
+        raise MedicalImageReadError(path, f"truncated or corrupt image data ({type(err).__name__}: {err})") from None
+    if data.dtype == np.float64 and dtype != np.float64:
+        data = data.astype(np.float32)  # scl_slope scaling: float32 is what napari and the models use
+    notes: list[str] = []
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            if nan_policy == "raise":
+                raise MedicalImageReadError(
+                    path,
+                    f"{bad:,} of {data.size:,} voxels are NaN or infinite; read it with "
+                    "read_nifti(path, nan_policy='zero') to replace them with 0",
+                )
+            data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
+            notes.append(f"{bad:,} NaN/Inf voxels replaced with 0")
+            warnings.warn(MedicalImageReadWarning(f"{path}: {notes[-1]}"), stacklevel=2)
+    data = np.ascontiguousarray(data.T)
+    nifti_affine = np.asarray(img.affine, float)
+    affine = nifti_affine @ _REVERSE
+    spacing_zyx, direction, origin = geometry_from_affine(affine)
+    spacing = tuple(spacing_zyx[3 - data.ndim :])
+    guessed = modality is None
+    modality = modality or _guess_modality(data)
+    values = label_values(data)
+    metadata: dict[str, Any] = {
+        "format": "nifti",
+        "source": str(path),
+        "header": _header_facts(img),
+        "nifti_affine": nifti_affine.tolist(),
+        "modality_guessed": guessed,
+        "warnings": notes,
+        "rgb": False,
+        "slice_thickness": float(spacing_zyx[0]),
+    }
+    if values is not None:
+        data = as_label_array(data)
+        metadata["label_values"] = [int(v) for v in values]
+        window_name, window, presets = "labels", (0.0, float(max(1, data.max()))), {}
+    else:
+        presets = window_presets(data, modality)
+        window_name, window = next(iter(presets.items()))
+    metadata["window"] = {"name": window_name, "range": list(window)}
+    metadata["window_presets"] = {k: list(v) for k, v in presets.items()}
+    vol = Volume(
+        data, spacing, origin, direction, modality, window, source_name(path), values is not None, metadata, affine
+    )
+    vol.metadata.update(vol.geometry_metadata())
+    return vol
+
+
+def _storage_dtype(data: np.ndarray) -> np.ndarray:
+    """Integers in the smallest NIfTI-friendly type (nibabel refuses int64 without being told)."""
+    if data.dtype == bool:
+        return data.astype(np.uint8)
+    if np.issubdtype(data.dtype, np.integer):
+        lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
+        for dtype in (np.uint8, np.int16, np.uint16, np.int32):
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return data.astype(dtype, copy=False)
+        raise MedicalImageWriteError(f"integer values from {lo} to {hi} do not fit int32, the largest NIfTI label type")
+    return data
+
+
+def write_nifti(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    *,
+    header: dict[str, Any] | None = None,
+) -> str:
+    """Write a ``(Z, Y, X)`` or ``(Y, X)`` array as NIfTI on the grid given by a napari affine.
+
+    Args:
+        path: Destination ending in ``.nii`` or ``.nii.gz``.
+        data: The array in napari order (labels are stored as the smallest fitting integer type).
+        affine: ``(4, 4)`` napari index → RAS mm (``metadata["affine"]`` of a layer opened by this
+            plugin); identity (1 mm voxels at the origin) when ``None``.
+        header: Header facts from the source (``metadata["header"]``); their ``qform_code`` and
+            ``sform_code`` are kept (default 1, scanner coordinates).
+
+    Returns:
+        The written path.
+
+    Raises:
+        MedicalImageWriteError: Wrong suffix, not 2D/3D, or an affine that is not 4x4.
+    """
+    path = Path(path)
+    if not _is_nifti_path(path):
+        raise MedicalImageWriteError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
+    data = np.asarray(data)
+    if data.ndim not in (2, 3):
+        raise MedicalImageWriteError(f"{path}: NIfTI export takes a 2D or 3D array, got shape {data.shape}")
+    affine = np.eye(4) if affine is None else np.asarray(affine, float)
+    if affine.shape != (4, 4):
+        raise MedicalImageWriteError(f"{path}: the affine must be 4x4, got shape {affine.shape}")
+    stored = np.ascontiguousarray(_storage_dtype(data).T)
+    file_affine = affine @ _REVERSE
+    img = nib.Nifti1Image(stored, file_affine)
+    header = header or {}
+    img.set_sform(file_affine, code=int(header.get("sform_code") or 1))
+    img.set_qform(file_affine, code=int(header.get("qform_code") or 1))
+    img.header.set_xyzt_units("mm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return str(path)

@@ -1,0 +1,212 @@
+"""The model zoo: trained models described by cards, weights checked by sha256.
+
+A zoo folder holds one folder per model, named by family first (``unet_tiny_hippocampus``)::
+
+    models/<name>/card.yaml          what it is, how it was trained and measured (see CARD_FIELDS)
+    models/<name>/model.safetensors  the weights (safetensors; config in its metadata)
+
+Folders searched, first match wins: each folder in ``$MEDSSL_MODELS_DIR`` (``os.pathsep``-separated), then
+the checkout's top-level ``models/``. A card may give ``weights.url``: missing weights are then fetched with
+pooch into ``$MEDSSL_CACHE_DIR`` (default pooch's cache) and checked against ``weights.sha256``. Every load
+checks the sha256; a mismatch is an error, never a silent load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+CARD = "card.yaml"
+WEIGHTS = "model.safetensors"
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+CARD_FIELDS = (
+    "name",  # folder name
+    "description",  # one line
+    "architecture",  # {"name": registered name, "config": create_model overrides}
+    "task",  # classify | segment | pretrain
+    "classes",  # class names (index = class value)
+    "data",  # {"name", "path", "licence", "citation"}
+    "split",  # {"seed", "val_fraction", "n_train", "n_val", "val_ids"}
+    "command",  # the exact command that trained it
+    "metrics",  # validation metrics
+    "metrics_command",  # the exact command that measured them
+    "licence",  # of the weights (and the data terms they inherit)
+    "weights",  # {"file", "sha256", "size_bytes", "url" (optional)}
+)
+
+__all__ = ["card", "list_zoo", "load", "publish", "sha256_file", "weights_path", "zoo_dirs"]
+
+
+def zoo_dirs() -> list[Path]:
+    """Folders searched for models, in order: ``$MEDSSL_MODELS_DIR`` entries, then the checkout's ``models/``."""
+    env = os.environ.get("MEDSSL_MODELS_DIR", "")
+    dirs = [Path(p) for p in env.split(os.pathsep) if p]
+    return [*dirs, REPO_MODELS]
+
+
+def _folders() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for root in zoo_dirs():
+        if not root.is_dir():
+            continue
+        for d in sorted(root.iterdir()):
+            if (d / CARD).is_file() and d.name not in found:
+                found[d.name] = d
+    return found
+
+
+def list_zoo() -> list[str]:
+    """Names of the models in the zoo folders, sorted."""
+    return sorted(_folders())
+
+
+def card(name: str) -> dict[str, Any]:
+    """The card of zoo model ``name`` as a dict (plus ``"folder"``: where it lives).
+
+    Raises:
+        ValueError: no such model, or a card without ``weights.sha256``.
+    """
+    import yaml
+
+    folders = _folders()
+    if name not in folders:
+        raise ValueError(f"no zoo model {name!r}; available: {', '.join(sorted(folders)) or 'none'}")
+    path = folders[name] / CARD
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({err})") from None
+    weights = data.get("weights") or {}
+    if not isinstance(weights, dict) or not weights.get("sha256"):
+        raise ValueError(f"{path}: the card must give weights.sha256")
+    data["folder"] = str(folders[name])
+    return data
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_path(name: str) -> Path:
+    """The verified weights file of zoo model ``name`` (fetched by URL when the card has one).
+
+    Raises:
+        FileNotFoundError: no local weights and no URL.
+        ValueError: the file's sha256 differs from the card's.
+    """
+    c = card(name)
+    weights = c["weights"]
+    path = Path(c["folder"]) / weights.get("file", WEIGHTS)
+    if not path.is_file():
+        url = weights.get("url")
+        if not url:
+            raise FileNotFoundError(f"zoo model {name}: weights {path} missing and the card gives no url")
+        import pooch
+
+        cache = os.environ.get("MEDSSL_CACHE_DIR") or pooch.os_cache("napari-medssl")
+        fetched = pooch.retrieve(url, known_hash=f"sha256:{weights['sha256']}", path=cache, fname=f"{name}.safetensors")
+        return Path(fetched)
+    digest = sha256_file(path)
+    if digest != weights["sha256"]:
+        raise ValueError(f"zoo model {name}: {path} has sha256 {digest}, the card says {weights['sha256']}")
+    return path
+
+
+def load(name_or_path: str | os.PathLike, device: str = "cpu") -> Any:
+    """Load a model from the zoo (by name, sha256-checked) or from a ``.safetensors`` checkpoint path.
+
+    The model gets ``model.card`` (the card, or ``None`` for a plain file) and ``model.checkpoint_extra``.
+
+    Raises:
+        ValueError: unknown name, sha256 mismatch, a pickle or a file that is not a checkpoint.
+        FileNotFoundError: a path that does not exist.
+    """
+    from napari_medssl.inference import pick_device
+    from napari_medssl.models.registry import load_model
+
+    spec = os.fspath(name_or_path)
+    path = Path(spec)
+    model_card = None
+    if not path.is_file():
+        if spec in list_zoo():
+            model_card = card(spec)
+            path = weights_path(spec)
+        elif path.suffix or os.sep in spec or "/" in spec:
+            raise FileNotFoundError(f"checkpoint not found: {spec}")
+        else:
+            raise ValueError(f"no zoo model or checkpoint file {spec!r}; zoo models: {', '.join(list_zoo()) or 'none'}")
+    model = load_model(path, map_location=pick_device(device))
+    model.card = model_card
+    model.eval()
+    return model
+
+
+def publish(
+    checkpoint: str | os.PathLike,
+    name: str,
+    *,
+    description: str,
+    command: str,
+    metrics: dict[str, Any],
+    metrics_command: str,
+    data: dict[str, Any],
+    licence: str,
+    dest: str | os.PathLike | None = None,
+    max_mb: float = 10.0,
+    **more: Any,
+) -> Path:
+    """Copy a checkpoint into a zoo folder and write its card (sha256 computed here).
+
+    Args:
+        checkpoint: the ``.safetensors`` weights (``best.safetensors`` of a run).
+        name: folder name, family first (``unet_tiny_hippocampus``).
+        description, command, metrics, metrics_command, data, licence: card fields (see CARD_FIELDS).
+        dest: the zoo root (default the checkout's ``models/``).
+        max_mb: refuse weights larger than this.
+        **more: extra card fields (``split``, ``notes`` ...).
+
+    Returns:
+        The model's folder.
+    """
+    import yaml
+
+    from napari_medssl.models.registry import read_checkpoint
+
+    checkpoint = Path(checkpoint)
+    size = checkpoint.stat().st_size
+    if size > max_mb * 1e6:
+        raise ValueError(f"{checkpoint} is {size / 1e6:.1f} MB; zoo weights must be at most {max_mb} MB")
+    _, config, extra = read_checkpoint(checkpoint)
+    folder = Path(dest or REPO_MODELS) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / WEIGHTS
+    tmp = folder / f".{WEIGHTS}.tmp"
+    shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, target)
+    arch = dict(config)
+    entry = {
+        "name": name,
+        "description": description,
+        "architecture": {"name": arch.pop("name", None), "config": arch},
+        "task": extra.get("task"),
+        "classes": extra.get("class_names"),
+        "data": data,
+        "command": command,
+        "metrics": metrics,
+        "metrics_command": metrics_command,
+        "licence": licence,
+        **more,
+        "weights": {"file": WEIGHTS, "sha256": sha256_file(target), "size_bytes": size},
+    }
+    from napari_medssl.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(folder / CARD, yaml.safe_dump(entry, sort_keys=False, allow_unicode=True))
+    return folder
