@@ -20,6 +20,7 @@ exceed ``--time-limit`` seconds; the table says so.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR_KINDS = ("nystrom", "performer", "linformer")
+_M_MMAP_THRESHOLD = -3  # mallopt parameter, <malloc.h>
 
 
 def _status_kib(key: str) -> int:
@@ -56,19 +58,24 @@ def run_case(kind: str, n: int, repeats: int, dim: int, heads: int) -> dict:
         return time.perf_counter() - t0
 
     layer(torch.randn(1, min(n, 256), dim, requires_grad=True)).sum().backward()  # load kernels, thread pool
-    Path("/proc/self/clear_refs").write_text("5")
-    rss0 = _status_kib("VmRSS")
     times = [step()]
     if times[0] < 10:
         times = [step() for _ in range(repeats)]
-    peak_mib = (_status_kib("VmHWM") - rss0) / 1024
     times.sort()
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # from now on every tensor buffer is its own mapping
+    libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    rss0 = _status_kib("VmRSS")
+    step()
+    peak_mib = (_status_kib("VmHWM") - rss0) / 1024
     return {"kind": kind, "n": n, "time_s": times[len(times) // 2], "peak_mib": peak_mib}
 
 
 def spawn(kind: str, n: int, args: argparse.Namespace) -> dict:
     """Run one case in a fresh interpreter and return its measurements."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--worker", kind, str(n), "--repeats", str(args.repeats)]
     cmd += ["--dim", str(args.dim), "--heads", str(args.heads)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -76,11 +83,15 @@ def spawn(kind: str, n: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--kinds", nargs="+", default=list(LINEAR_KINDS), choices=LINEAR_KINDS)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--time-limit", type=float, default=150.0, help="skip sdpa cases estimated slower (s)")
+    parser.add_argument(
+        "--time-limit", type=float, default=150.0, help="skip sdpa cases estimated slower (s)"
+    )
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
@@ -92,7 +103,9 @@ def main() -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dim {args.dim}, {args.heads} heads, fp32")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, dim {args.dim}, {args.heads} heads, fp32"
+    )
     header = f"{'N':>6} {'kind':>10} {'fwd+bwd s':>10} {'peak MiB':>9} {'speed-up':>9} {'mem ratio':>9}"
     print(header)
     prev: tuple[int, float] | None = None
@@ -100,16 +113,23 @@ def main() -> None:
         est = None if prev is None else prev[1] * (n / prev[0]) ** 2
         if est is not None and est > args.time_limit:
             ref = None
-            print(f"{n:>6} {'sdpa':>10}  skipped: estimated {est:.0f} s > --time-limit {args.time_limit:.0f} s")
+            print(
+                f"{n:>6} {'sdpa':>10}  skipped: estimated {est:.0f} s > --time-limit {args.time_limit:.0f} s"
+            )
         else:
             ref = spawn("sdpa", n, args)
             prev = (n, ref["time_s"])
-            print(f"{n:>6} {'sdpa':>10} {ref['time_s']:>10.3f} {ref['peak_mib']:>9.1f} {'1.00':>9} {'1.00':>9}")
+            print(
+                f"{n:>6} {'sdpa':>10} {ref['time_s']:>10.3f} {ref['peak_mib']:>9.1f} {'1.00':>9} {'1.00':>9}"
+            )
         for kind in args.kinds:
             r = spawn(kind, n, args)
             speed = f"{ref['time_s'] / r['time_s']:.2f}" if ref else "-"
             mem = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
-            print(f"{n:>6} {kind:>10} {r['time_s']:>10.3f} {r['peak_mib']:>9.1f} {speed:>9} {mem:>9}", flush=True)
+            print(
+                f"{n:>6} {kind:>10} {r['time_s']:>10.3f} {r['peak_mib']:>9.1f} {speed:>9} {mem:>9}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

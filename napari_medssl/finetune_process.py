@@ -18,6 +18,7 @@ its keyword arguments must be picklable (numpy arrays, numbers, strings, paths).
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import multiprocessing as mp
 import os
@@ -26,10 +27,27 @@ import signal
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 TERMINAL_EVENTS = ("done", "error", "stopped")
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def stop_all(timeout: float = 2.0) -> int:
+    """Stop every training process this interpreter started and that still runs; return how many.
+
+    Registered with ``atexit``, so quitting the viewer never leaves training behind.
+    """
+    live = [p for p in list(_LIVE) if p.is_alive()]
+    for proc in live:
+        proc.stop(timeout)
+    return len(live)
+
+
+atexit.register(stop_all)
 
 
 def resolve_target(target: str) -> Callable[..., Iterator[dict]]:
@@ -143,6 +161,7 @@ class TrainingProcess:
             daemon=True,
         )
         self._proc.start()
+        _LIVE.add(self)
         return self
 
     @property
@@ -248,3 +267,157 @@ class TrainingProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- fine-tuning on painted annotations ------------------------------------------------------------------------
+def finetune_events(
+    images: list[Any],
+    labels: list[Any],
+    config: dict[str, Any],
+    class_names: list[str] | None = None,
+    ids: list[str] | None = None,
+    groups: list[str] | None = None,
+    validate_on_train: bool = False,
+) -> Iterator[dict]:
+    """The fine-tuning generator the child process runs: in-memory arrays → ``engine.train`` events.
+
+    Args:
+        images: ``(Y, X)``/``(Z, Y, X)`` arrays (see :func:`segmentation_samples`, :func:`classification_samples`).
+        labels: one mask or class int per image.
+        config: :class:`~napari_medssl.engine.config.TrainConfig` fields except ``data``.
+        class_names: names of the classes.
+        ids: case ids.
+        groups: split groups.
+        validate_on_train: validate on the training cases themselves (too few annotations to hold any
+            out); the curve then shows how well the model fits the annotations.
+    """
+    import json
+    from pathlib import Path
+
+    from napari_medssl.engine import ArrayData, TrainConfig, train
+
+    data = ArrayData(images, labels, class_names=class_names, ids=ids, groups=groups)
+    config = {**config, "data": data}
+    if validate_on_train:
+        every = [c.id for c in data.cases()]
+        split = Path(config.get("out_dir", ".")) / "annotations_split.json"
+        split.parent.mkdir(parents=True, exist_ok=True)
+        split.write_text(json.dumps({"train": every, "val": every}))
+        config["split_file"] = str(split)
+    yield from train(TrainConfig(**config))
+
+
+def segmentation_samples(
+    image: Any, painted: Any, model_dims: int, slice_axis: int = 0, rgb: bool = False
+) -> dict[str, Any]:
+    """Training cases from a painted Labels array (0 = unlabelled, value ``k + 1`` = class ``k``).
+
+    A 2D model on a volume gets one case per slice that holds paint (each its own split group, so
+    validation holds out whole slices); a 3D model gets the whole volume; a 2D image is one case.
+
+    Args:
+        image: ``(Y, X)``, ``(Y, X, 3)`` or ``(Z, Y, X)``.
+        painted: the painted labels, the image's spatial shape.
+        model_dims: the model's ``spatial_dims``.
+        slice_axis: the axis a 2D model slices a volume along.
+        rgb: the image has a trailing colour axis.
+
+    Returns:
+        ``images``, ``labels``, ``ids`` (lists) and ``label_map`` ``{k + 1: k}``, ``ignore_index`` 0,
+        ``values`` (painted values found).
+
+    Raises:
+        ValueError: shapes differ or nothing is painted.
+    """
+    import numpy as np
+
+    image = np.asarray(image)
+    painted = np.asarray(painted)
+    spatial = image.shape[:-1] if rgb else image.shape
+    if tuple(painted.shape) != tuple(spatial):
+        raise ValueError(
+            f"the labels layer's shape {painted.shape} differs from the image's {tuple(spatial)}"
+        )
+    values = sorted(int(v) for v in np.unique(painted) if v > 0)
+    if not values:
+        raise ValueError("nothing is painted: paint some pixels (value 1 = first class) in the labels layer")
+    if min(int(painted.min()), 0) < 0:
+        raise ValueError("painted labels must be non-negative (0 = unlabelled)")
+    out: dict[str, Any] = {"values": values, "ignore_index": 0, "label_map": {v: v - 1 for v in values}}
+    if len(spatial) == 3 and model_dims == 2:
+        moved_img = np.moveaxis(image, slice_axis, 0)
+        moved_lab = np.moveaxis(painted, slice_axis, 0)
+        keep = [z for z in range(moved_lab.shape[0]) if moved_lab[z].any()]
+        out["images"] = [np.ascontiguousarray(moved_img[z]) for z in keep]
+        out["labels"] = [np.ascontiguousarray(moved_lab[z]).astype(np.int64) for z in keep]
+        out["ids"] = [f"slice{z}" for z in keep]
+    else:
+        if model_dims == 3 and len(spatial) != 3:
+            raise ValueError("a 3D model needs a volume; this image is 2D")
+        out["images"] = [image]
+        out["labels"] = [painted.astype(np.int64)]
+        out["ids"] = ["image"]
+    return out
+
+
+def classification_samples(
+    image: Any,
+    items: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    class_names: list[str] | None = None,
+    rgb: bool = False,
+) -> dict[str, Any]:
+    """Training cases from boxes or points named by class (Shapes/Points layers).
+
+    Args:
+        image: ``(Y, X)`` (optionally RGB) or ``(Z, Y, X)``.
+        items: ``(class name, low corner, high corner)`` in the image's index space, one per box; a point
+            is given as a box around it. The crop is ``image[low:high]`` (a 3D box one slice thick is a 2D crop).
+        class_names: the model's class names; names not in it are refused. ``None``: the sorted names found.
+        rgb: the image has a trailing colour axis.
+
+    Returns:
+        ``images`` (crops), ``labels`` (class ints), ``ids``, ``class_names``.
+
+    Raises:
+        ValueError: no items, an unknown class, an empty crop, or fewer than 2 classes without known names.
+    """
+    import numpy as np
+
+    image = np.asarray(image)
+    if not items:
+        raise ValueError("no boxes or points: draw shapes or points and name them by class")
+    names = list(class_names) if class_names else sorted({name for name, _, _ in items})
+    if not class_names and len(names) < 2:
+        raise ValueError(f"only one class ({names[0]!r}) is annotated; classification needs at least two")
+    spatial = image.shape[:-1] if rgb else image.shape
+    crops, labels, ids = [], [], []
+    for i, (name, low, high) in enumerate(items):
+        if name not in names:
+            raise ValueError(f"class {name!r} is not one of the model's classes {names}")
+        lo = [max(0, int(a)) for a in low]
+        hi = [min(int(b), s) for b, s in zip(high, spatial)]
+        if any(b <= a for a, b in zip(lo, hi)):
+            raise ValueError(f"annotation {i} ({name}) lies outside the image")
+        crop = image[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        crop = np.squeeze(crop, axis=tuple(ax for ax in range(len(spatial)) if crop.shape[ax] == 1))
+        if crop.ndim - (1 if rgb else 0) != 2:
+            raise ValueError(f"annotation {i} ({name}) is not a 2D box (shape {crop.shape})")
+        crops.append(np.ascontiguousarray(crop))
+        labels.append(names.index(name))
+        ids.append(f"{name}{i}")
+    return {"images": crops, "labels": labels, "ids": ids, "class_names": names}
+
+
+def runs_dir() -> Path:
+    """Where viewer fine-tuning runs are written: ``$MEDSSL_RUNS_DIR`` or ``~/.cache/napari-medssl/runs``."""
+    env = os.environ.get("MEDSSL_RUNS_DIR")
+    folder = Path(env) if env else Path.home() / ".cache" / "napari-medssl" / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def new_run_dir(model_source: str) -> Path:
+    """A fresh, unique run folder for fine-tuning ``model_source`` (a zoo name or a checkpoint path)."""
+    stem = Path(model_source).stem if model_source.endswith(".safetensors") else model_source
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:40]
+    return runs_dir() / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"

@@ -39,6 +39,7 @@ __all__ = [
     "prepare_image",
     "resize",
     "segment",
+    "segment_prepared",
     "segment_probabilities",
 ]
 
@@ -185,9 +186,8 @@ def _segment_batch(
 ) -> torch.Tensor:
     """``(N, C, *S)`` → softmax probabilities ``(N, K, *S)``, whole or by sliding windows of size ``window``."""
     spatial = tuple(x.shape[2:])
-    fixed = getattr(model, "input_size", None) is not None
     _check_cancel(cancel)
-    if window is None or (all(s <= w for s, w in zip(spatial, window)) and not fixed):
+    if window is None:
         out = []
         total = math.ceil(len(x) / batch_size)
         for i in range(0, len(x), batch_size):
@@ -247,28 +247,36 @@ def segment_probabilities(
     """
     dev = _model_device(model) if device is None else pick_device(device)
     x = torch.from_numpy(prepare_image(image, getattr(model, "in_chans", 1), rgb))
+    probs = segment_prepared(model, x, dev, slice_axis, batch_size, overlap, progress, cancel)
+    return probs.numpy()
+
+
+def segment_prepared(
+    model: nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    slice_axis: int = 0,
+    batch_size: int = 8,
+    overlap: float = 0.25,
+    progress: Progress = None,
+    cancel: Cancel = None,
+) -> torch.Tensor:
+    """Probabilities ``(K, *spatial)`` for a prepared image ``(C, *spatial)`` (see :func:`prepare_image`)."""
     dims = x.ndim - 1
     model_dims = getattr(model, "spatial_dims", 2)
     window = model_window(model)
     if model_dims == 3 and dims == 2:
         raise ValueError("a 3D model needs a (Z, Y, X) volume, got a 2D image")
-    if model_dims == 2 and dims == 3:
-        batch = x.movedim(slice_axis + 1, 0)  # slices as the batch: (N, C, *2D)
-    else:
-        batch = x[None]
+    batch = x.movedim(slice_axis + 1, 0) if model_dims == 2 and dims == 3 else x[None]  # (N, C, *S)
     if window is None and batch[0, 0].numel() > (512 * 512 if model_dims == 2 else 128**3):
         window = (256, 256) if model_dims == 2 else (96, 96, 96)
     was_training = model.training
     model.eval()
     try:
-        probs = _segment_batch(model, batch, dev, window, overlap, batch_size, progress, cancel)
+        probs = _segment_batch(model, batch, device, window, overlap, batch_size, progress, cancel)
     finally:
         model.train(was_training)
-    if model_dims == 2 and dims == 3:
-        probs = probs.movedim(0, slice_axis + 1)  # (K, *volume)
-    else:
-        probs = probs[0]
-    return probs.numpy()
+    return probs.movedim(0, slice_axis + 1) if model_dims == 2 and dims == 3 else probs[0]
 
 
 def segment(model: nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:

@@ -398,3 +398,60 @@ def mae_overlays(
             meta,
         ),
     ]
+
+
+# -- MiM ------------------------------------------------------------------------------------------------------
+def mim_overlays(
+    shape: Sequence[int],
+    ratios: Sequence[float] = (0.5, 0.6, 0.5),
+    seed: int = 0,
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+    model: Any = None,
+) -> list[OverlayLayer]:
+    """MiM's nested 3D masks on a volume, one Labels layer whose value is the deepest level masked.
+
+    Level ``k`` (1-based) is masked inside level ``k - 1``'s masked region, so value ``k`` means "masked at
+    levels 1..k". Masks at another size than the volume are resized (nearest) onto its grid.
+
+    Args:
+        shape: the volume's ``(Z, Y, X)``.
+        ratios: mask ratio per level, coarse to fine.
+        seed: seed of the masks.
+        scale: the volume's scale.
+        translate: the volume's translate.
+        model: a MiM model; its ``nested_masks`` method is used when it has one (its own patch sizes),
+            else ``models.mim.nested_masks``.
+
+    Raises:
+        ValueError: not a 3D shape, or ratios outside (0, 1).
+    """
+    from napari_medssl.models import mim
+
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3:
+        raise ValueError(f"MiM masks are 3D: expected a (Z, Y, X) volume shape, got {shape}")
+    if not ratios or any(not 0.0 < float(r) < 1.0 for r in ratios):
+        raise ValueError(f"each MiM ratio must be in (0, 1), got {tuple(ratios)}")
+    make = getattr(model, "nested_masks", None) or mim.nested_masks
+    masks = make(shape, tuple(float(r) for r in ratios), int(seed))
+    levels = np.zeros(shape, dtype=np.uint8)
+    fractions = []
+    for k, mask in enumerate(masks):
+        m = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask).astype(bool)
+        m = m.reshape(m.shape[-3:])
+        if m.shape != shape:
+            m = _resize_3d_nearest(m, shape)
+        fractions.append(float(m.mean()))
+        levels[m] = k + 1
+    nd = len(shape)
+    scale = tuple(float(s) for s in (scale if scale is not None else [1.0] * nd))
+    translate = tuple(float(t) for t in (translate if translate is not None else [0.0] * nd))
+    meta = {"method": "mim", "ratios": [float(r) for r in ratios], "seed": int(seed), "fractions": fractions}
+    name = f"MiM nested masks ({', '.join(f'{r:g}' for r in ratios)}; seed {seed})"
+    return [OverlayLayer("labels", name, levels, scale, translate, {"opacity": 0.45}, meta)]
+
+
+def _resize_3d_nearest(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    idx = [np.minimum((np.arange(n) * m / n).astype(int), m - 1) for n, m in zip(shape, mask.shape)]
+    return mask[np.ix_(*idx)]

@@ -112,7 +112,9 @@ def weights_path(name: str) -> Path:
         import pooch
 
         cache = os.environ.get("MEDSSL_CACHE_DIR") or pooch.os_cache("napari-medssl")
-        fetched = pooch.retrieve(url, known_hash=f"sha256:{weights['sha256']}", path=cache, fname=f"{name}.safetensors")
+        fetched = pooch.retrieve(
+            url, known_hash=f"sha256:{weights['sha256']}", path=cache, fname=f"{name}.safetensors"
+        )
         return Path(fetched)
     digest = sha256_file(path)
     if digest != weights["sha256"]:
@@ -142,7 +144,9 @@ def load(name_or_path: str | os.PathLike, device: str = "cpu") -> Any:
         elif path.suffix or os.sep in spec or "/" in spec:
             raise FileNotFoundError(f"checkpoint not found: {spec}")
         else:
-            raise ValueError(f"no zoo model or checkpoint file {spec!r}; zoo models: {', '.join(list_zoo()) or 'none'}")
+            raise ValueError(
+                f"no zoo model or checkpoint file {spec!r}; zoo models: {', '.join(list_zoo()) or 'none'}"
+            )
     model = load_model(path, map_location=pick_device(device))
     model.card = model_card
     model.eval()

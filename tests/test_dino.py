@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from napari_medssl.models import create_model, load_model, save_model
+from napari_medssl.models import create_model, dino, load_model, save_model
 from napari_medssl.models.dino import (
     DINO,
     attention_maps,
@@ -47,9 +47,10 @@ def tiny_dino() -> DINO:
 
 
 def test_registered_sizes() -> None:
-    small = create_model("dino_small", out_dim=256)
+    assert dino._SMALL["depth"] == 12 and dino._SMALL["out_dim"] == 65536
+    small = create_model("dino_small", out_dim=256, depth=1)
     assert small.backbone.num_heads == 6 and small.backbone.embed_dim == 384 and small.patch_size == 16
-    assert small.input_size == (224, 224) and small.local_size == 96 and small.n_local_crops == 8
+    assert small.input_size == (224, 224) and small.local_size == (96, 96) and small.n_local_crops == 8
     tiny = create_model("dino_tiny")
     assert (tiny.task, tiny.spatial_dims, tiny.in_chans, tiny.num_classes) == ("pretrain", 2, 1, 0)
     assert tiny.input_size == (64, 64) and tiny.backbone is tiny.teacher
@@ -138,6 +139,8 @@ def test_dino_loss_equals_teacher_entropy_when_student_matches() -> None:
 def test_multi_crop_views(images: torch.Tensor) -> None:
     views = multi_crop(images, 64, 24, 3, generator=torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in views] == [(4, 1, 64, 64)] * 2 + [(4, 1, 24, 24)] * 3
+    wide = multi_crop(images, (48, 80), (16, 32), 1, generator=torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in wide] == [(4, 1, 48, 80)] * 2 + [(4, 1, 16, 32)]
     assert all(v.min() >= 0 and v.max() <= 1 and v.dtype == images.dtype for v in views)
     again = multi_crop(images, 64, 24, 3, generator=torch.Generator().manual_seed(0))
     other = multi_crop(images, 64, 24, 3, generator=torch.Generator().manual_seed(1))
@@ -156,16 +159,16 @@ def test_full_scale_crop_is_the_image_or_its_mirror(images: torch.Tensor) -> Non
 def test_dino_loss_falls_on_fixed_real_crops(images: torch.Tensor) -> None:
     torch.manual_seed(0)
     model = DINO(depth=2, out_dim=256, hidden_dim=128, bottleneck_dim=64, n_local_crops=2, drop_path_rate=0.0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     losses = []
-    for step in range(1, 9):
-        loss = model.pretrain_loss(images, generator=torch.Generator().manual_seed(0))["loss"]
+    for step in range(1, 6):
+        loss = model.pretrain_loss(images[:2], generator=torch.Generator().manual_seed(0))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
         model.on_train_step(step, 100)
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
 
 
 def test_classify_mode_trains_the_teacher(images: torch.Tensor) -> None:
@@ -227,7 +230,8 @@ def official_checkpoint(vit: TimmViT) -> dict:
     sd = vit.state_dict()
     head = {"head.mlp.0.weight": torch.randn(64, 384), "head.last_layer.weight_g": torch.ones(256, 1)}
     return {
-        "student": {f"module.backbone.{k}": v + 1 for k, v in sd.items()} | {f"module.{k}": v for k, v in head.items()},
+        "student": {f"module.backbone.{k}": v + 1 for k, v in sd.items()}
+        | {f"module.{k}": v for k, v in head.items()},
         "teacher": {f"backbone.{k}": v for k, v in sd.items()} | head,
         "epoch": 100,
         "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536),
@@ -246,7 +250,9 @@ def test_official_full_checkpoint_loads_into_dino(tmp_path: Path) -> None:
     sd = ref.state_dict()
     for vit in (model.teacher, model.student):  # teacher weights into both
         torch.testing.assert_close(vit.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
-        torch.testing.assert_close(vit.patch_embed.proj.weight, sd["patch_embed.proj.weight"].sum(1, keepdim=True))
+        torch.testing.assert_close(
+            vit.patch_embed.proj.weight, sd["patch_embed.proj.weight"].sum(1, keepdim=True)
+        )
         pos = resize_pos_embed(sd["pos_embed"][:, 1:], (14, 14), (8, 8))
         torch.testing.assert_close(vit.pos_embed, torch.cat([sd["pos_embed"][:, :1], pos], dim=1))
 
@@ -254,8 +260,12 @@ def test_official_full_checkpoint_loads_into_dino(tmp_path: Path) -> None:
 def test_official_weights_give_timm_features(tmp_path: Path) -> None:
     ref = timm_vit_small(img_size=64).eval()
     path = tmp_path / "teacher.safetensors"
-    save_file({f"teacher.module.backbone.{k}": v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    ours = VisionTransformer(img_size=64, patch_size=16, in_chans=3, embed_dim=384, depth=2, num_heads=6).eval()
+    save_file(
+        {f"teacher.module.backbone.{k}": v.contiguous() for k, v in ref.state_dict().items()}, str(path)
+    )
+    ours = VisionTransformer(
+        img_size=64, patch_size=16, in_chans=3, embed_dim=384, depth=2, num_heads=6
+    ).eval()
     report = load_dino_checkpoint(path, ours)
     assert report["adapted"] == [] and report["dropped"] == []
     x = torch.rand(2, 3, 64, 64)
@@ -290,6 +300,7 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     sd = timm_vit_small().state_dict()

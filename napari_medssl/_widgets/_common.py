@@ -20,14 +20,34 @@ def report_error(err: BaseException, what: str) -> None:
     traceback.print_exception(type(err), err, err.__traceback__)
 
 
-class LayerCombo(QComboBox):
-    """A combo box listing the viewer's layers of one type, kept up to date; prefers the selected layer."""
+def is_overlay(layer: Any) -> bool:
+    """Whether a layer is one of this plugin's overlays (not an image to run models on)."""
+    meta = getattr(layer, "metadata", None) or {}
+    return isinstance(meta.get("medssl"), dict) and "method" in meta["medssl"]
 
-    def __init__(self, viewer: Any, layer_type: type | tuple[type, ...], allow_none: bool = False) -> None:
+
+def is_prediction(layer: Any) -> bool:
+    """Whether a layer holds a model's segmentation (class indices, not painted annotations)."""
+    meta = getattr(layer, "metadata", None) or {}
+    return isinstance(meta.get("medssl"), dict) and meta["medssl"].get("prediction", False)
+
+
+class LayerCombo(QComboBox):
+    """A combo box listing the viewer's layers of one type (overlays left out), kept up to date; follows the
+    layer the user selects."""
+
+    def __init__(
+        self,
+        viewer: Any,
+        layer_type: type | tuple[type, ...],
+        allow_none: bool = False,
+        exclude: Any = is_overlay,
+    ) -> None:
         super().__init__()
         self.viewer = viewer
         self.layer_type = layer_type
         self.allow_none = allow_none
+        self.exclude = exclude
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
             ev.connect(self.refresh)
         viewer.layers.selection.events.active.connect(self._follow_active)
@@ -40,7 +60,7 @@ class LayerCombo(QComboBox):
         self.clear()
         if self.allow_none:
             self.addItem("")
-        names = [lay.name for lay in self.viewer.layers if isinstance(lay, self.layer_type)]
+        names = [lay.name for lay in self.viewer.layers if self._wanted(lay)]
         self.addItems(names)
         if current in names:
             self.setCurrentText(current)
@@ -51,9 +71,12 @@ class LayerCombo(QComboBox):
         self.blockSignals(False)
         self.currentTextChanged.emit(self.currentText())
 
+    def _wanted(self, layer: Any) -> bool:
+        return isinstance(layer, self.layer_type) and not self.exclude(layer)
+
     def _follow_active(self, event: Any) -> None:
         layer = event.value
-        if layer is not None and isinstance(layer, self.layer_type):
+        if layer is not None and self._wanted(layer):
             self.setCurrentText(layer.name)
 
     def layer(self) -> Any | None:

@@ -47,7 +47,11 @@ _SESSIONS: dict[int, Session] = {}
 
 
 def get_session(viewer: object) -> Session:
-    """The session of ``viewer`` (created on first use, dropped when the viewer is collected)."""
+    """The session of ``viewer`` (created on first use, dropped when the viewer is collected).
+
+    napari hands each plugin widget its own proxy of the viewer; the session is keyed by the viewer behind it.
+    """
+    viewer = getattr(viewer, "__wrapped__", viewer)
     key = id(viewer)
     if key not in _SESSIONS:
         _SESSIONS[key] = Session()

@@ -436,7 +436,10 @@ class ModelWidget(QWidget):
         else:
             data[tuple(slice(None) if i is None else i for i in plane.index)] = labels
         target.data = data
-        target.metadata = {**target.metadata, "medssl": {"model": self.source(), "class_names": names}}
+        target.metadata = {
+            **target.metadata,
+            "medssl": {"model": self.source(), "class_names": names, "prediction": True},
+        }
         counts = np.bincount(labels.ravel(), minlength=len(names))
         parts = [f"{names[i] if i < len(names) else i}: {int(c)}" for i, c in enumerate(counts) if i > 0]
         self.result_label.setText(

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from napari_medssl.models.registry import create_model, list_models, read_checkpoint
@@ -77,7 +76,9 @@ def build_model(
     else:
         state, config, info["extra"] = read_checkpoint(ckpt)
         if "name" not in config:
-            raise ValueError(f"{ckpt}: no model config in the checkpoint metadata; cannot tell which model it is")
+            raise ValueError(
+                f"{ckpt}: no model config in the checkpoint metadata; cannot tell which model it is"
+            )
         name = config.pop("name")
         kwargs = {**config, **overrides}
     if task != "pretrain" and num_classes:
@@ -91,7 +92,9 @@ def build_model(
         own = model.state_dict()
         fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not fits:
-            raise ValueError(f"none of the weights in {ckpt} fit {name} ({len(state)} tensors, none matching)")
+            raise ValueError(
+                f"none of the weights in {ckpt} fit {name} ({len(state)} tensors, none matching)"
+            )
         model.load_state_dict(fits, strict=False)
         info["loaded"] = len(fits)
         info["skipped"] = sorted(k for k in own if k not in fits)
@@ -103,7 +106,9 @@ def check_task(model: nn.Module, task: str, name: str = "model") -> None:
     """Raise ``ValueError`` when ``model`` cannot be trained for ``task``."""
     if task == "pretrain":
         if not callable(getattr(model, "pretrain_loss", None)):
-            raise ValueError(f"{name} has no pretrain_loss (self-supervised objective); it cannot be pretrained")
+            raise ValueError(
+                f"{name} has no pretrain_loss (self-supervised objective); it cannot be pretrained"
+            )
         return
     actual = getattr(model, "task", None)
     if actual != task:
@@ -128,4 +133,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def count_params(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-

@@ -119,7 +119,9 @@ class MSDFolder(DataSource):
 
     task = "segment"
 
-    def __init__(self, root: str | os.PathLike, images: str = "imagesTr", labels: str | None = "labelsTr") -> None:
+    def __init__(
+        self, root: str | os.PathLike, images: str = "imagesTr", labels: str | None = "labelsTr"
+    ) -> None:
         self.root = Path(root)
         self.image_dir = self.root / images
         if not self.image_dir.is_dir():
@@ -149,7 +151,9 @@ class MSDFolder(DataSource):
     def cases(self) -> list[Case]:
         if self._cases is None:
             files = sorted(
-                p for p in self.image_dir.iterdir() if readers.is_nifti(p) and not p.name.startswith((".", "_"))
+                p
+                for p in self.image_dir.iterdir()
+                if readers.is_nifti(p) and not p.name.startswith((".", "_"))
             )
             if not files:
                 raise ValueError(f"no NIfTI images in {self.image_dir}")
@@ -214,7 +218,9 @@ class MiasFolder(DataSource):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is listed in labels.csv but missing")
             label = int(self.labels[name])
-            out.append(Case(Path(name).stem, mias_woman(name), _image_loader(path, label), 2, label, str(path)))
+            out.append(
+                Case(Path(name).stem, mias_woman(name), _image_loader(path, label), 2, label, str(path))
+            )
         return out
 
 
@@ -310,7 +316,10 @@ class DicomFolder(DataSource):
                 continue
 
             def load(folder: Path = folder) -> tuple[np.ndarray, Label]:
-                vol = readers.read_dicom_series(folder)[0].data
+                vols = readers.read_dicom_images(folder)
+                if not vols:
+                    raise ValueError(f"{folder}: no DICOM image series (only segmentation-like series)")
+                vol = vols[0].data
                 return _channels_first(vol, _image_dims(vol)), None
 
             rel = folder.relative_to(self.root).as_posix()
@@ -345,7 +354,9 @@ class MedMNIST(DataSource):
         self.splits = tuple(splits)
         n = int(max(self.arrays[f"{s}_labels"].max() for s in self.splits)) + 1
         self.class_names = [str(i) for i in range(n)]
-        self.official_split = {s: [f"{s}/{i}" for i in range(len(self.arrays[f"{s}_images"]))] for s in splits}
+        self.official_split = {
+            s: [f"{s}/{i}" for i in range(len(self.arrays[f"{s}_images"]))] for s in splits
+        }
 
     def cases(self) -> list[Case]:
         out = []
@@ -436,7 +447,15 @@ class ConcatData(DataSource):
         for k, src in enumerate(self.sources):
             for c in src.cases():
                 out.append(
-                    Case(f"{k}:{c.id}", f"{k}:{c.group}", c.loader, c.spatial_dims, c.class_label, c.path, c.meta)
+                    Case(
+                        f"{k}:{c.id}",
+                        f"{k}:{c.group}",
+                        c.loader,
+                        c.spatial_dims,
+                        c.class_label,
+                        c.path,
+                        c.meta,
+                    )
                 )
         return out
 

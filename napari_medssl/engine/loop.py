@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from napari_medssl.engine import distributed as dist_utils
 from napari_medssl.engine.augment import IGNORE, augment_batch
-from napari_medssl.engine.build import build_model, count_params, param_groups
+from napari_medssl.engine.build import build_model, count_params, param_groups, resolve_checkpoint
 from napari_medssl.engine.checkpoint import RunFolder
 from napari_medssl.engine.config import TrainConfig
 from napari_medssl.engine.data import DataSource, open_data
@@ -145,7 +145,9 @@ class Trainer:
         cfg = self.config
         self.source: DataSource = open_data(cfg.data)
         if cfg.task != "pretrain" and self.source.task not in (cfg.task, None):
-            raise ValueError(f"the data are labelled for {self.source.task!r}, not {cfg.task!r}: {self.source.description}")
+            raise ValueError(
+                f"the data are labelled for {self.source.task!r}, not {cfg.task!r}: {self.source.description}"
+            )
         if cfg.task != "pretrain" and self.source.task is None:
             raise ValueError(f"{cfg.task} needs labelled data; {self.source.description} has no labels")
         cases = self.source.cases()
@@ -207,12 +209,15 @@ class Trainer:
         cfg = self.config
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self.device = dist_utils.local_device(pick_device(cfg.device))
+        resolve_checkpoint(cfg.model)  # a bad model name fails before any data are read
         torch.manual_seed(cfg.seed)
         self._setup_data()
         in_chans = int(self.train_cases[0].load()[0].shape[0])
         self.num_classes = self._num_classes()
         self.class_names = self._class_names(self.num_classes)
-        model, self.build_info = build_model(cfg.model, cfg.task, self.num_classes, in_chans, cfg.model_overrides)
+        model, self.build_info = build_model(
+            cfg.model, cfg.task, self.num_classes, in_chans, cfg.model_overrides
+        )
         self.model = model
         dims = int(getattr(model, "spatial_dims", 2))
         chans = int(getattr(model, "in_chans", in_chans))
@@ -260,21 +265,44 @@ class Trainer:
         elif self.rank == 0:
             self.folder.dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.folder.dir / "config.json")
-            save_split(self.split, self.folder.dir / "split.json", seed=cfg.seed, data=self.source.description,
-                       val_fraction=cfg.val_fraction)
+            save_split(
+                self.split,
+                self.folder.dir / "split.json",
+                seed=cfg.seed,
+                data=self.source.description,
+                val_fraction=cfg.val_fraction,
+            )
             info = {k: v for k, v in self.build_info.items() if k != "extra"}
-            self.folder.log({"event": "start", "params": count_params(model), "size": list(self.size),
-                             "n_train": len(self.train_set), "n_val": len(self.val_cases), **info})
+            self.folder.log(
+                {
+                    "event": "start",
+                    "params": count_params(model),
+                    "size": list(self.size),
+                    "n_train": len(self.train_set),
+                    "n_val": len(self.val_cases),
+                    **info,
+                }
+            )
         dist_utils.barrier()
 
-        sampler = SkipSampler(self.train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                              seed=cfg.seed)
+        sampler = SkipSampler(
+            self.train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=cfg.seed
+        )
         drop_last = len(sampler) >= cfg.batch_size
-        loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
-                            num_workers=cfg.num_workers)
+        loader = DataLoader(
+            self.train_set,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=cfg.num_workers,
+        )
         per_epoch = max(1, len(loader))
         best_metric = cfg.best_metric or DEFAULT_BEST[cfg.task]
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and self.device.type == "cuda" else nullcontext()
+        amp = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.amp and self.device.type == "cuda"
+            else nullcontext()
+        )
         metrics: dict[str, float] = dict(record.get("best_metrics") or {})
         hook = getattr(model, "on_train_step", None)
         last_path: Path | None = None
@@ -296,7 +324,9 @@ class Trainer:
                 with amp:
                     loss = wrapped(x, y)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower the learning rate")
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {step + 1}; lower the learning rate (--lr)"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -305,14 +335,22 @@ class Trainer:
                 step += 1
                 if callable(hook):
                     hook(step, cfg.max_steps)
-                yield {"event": "step", "step": step, "total_steps": cfg.max_steps, "loss": float(loss), "lr": lr}
+                yield {
+                    "event": "step",
+                    "step": step,
+                    "total_steps": cfg.max_steps,
+                    "loss": loss.item(),
+                    "lr": lr,
+                }
                 if step % cfg.val_every == 0 or step == cfg.max_steps:
                     if self.rank == 0:
                         metrics = self.validate(loss_module)
                         yield {"event": "val", "step": step, "metrics": metrics}
                         self.folder.log({"event": "val", "step": step, "metrics": metrics})
                         value = metrics.get(best_metric, float("nan")) if best_metric != "last" else 0.0
-                        is_best = best_metric == "last" or _is_better(value, record["best_value"], best_metric)
+                        is_best = best_metric == "last" or _is_better(
+                            value, record["best_value"], best_metric
+                        )
                         if is_best:
                             record.update(best_value=value, best_step=step, best_metrics=metrics)
                         rng = {"torch": torch.get_rng_state(), "augment0": aug_gen.get_state()}

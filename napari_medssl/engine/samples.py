@@ -138,7 +138,9 @@ class SampleSet(Dataset):
         img = match_channels(normalize_intensity(img), self.in_chans)
         lab = map_labels(lab, self.ignore_index, self.label_map)
         if np.ndim(lab) > 0 and lab.shape != img.shape[1:]:
-            raise ValueError(f"case {self.cases[ci].id}: label shape {lab.shape} != image shape {img.shape[1:]}")
+            raise ValueError(
+                f"case {self.cases[ci].id}: label shape {lab.shape} != image shape {img.shape[1:]}"
+            )
         if keep:
             self._cache[ci] = (img, lab)
         return img, lab
@@ -198,13 +200,14 @@ class SampleSet(Dataset):
             return IGNORE
         return int(map_labels(lab, self.ignore_index, self.label_map))
 
-    def _crop(self, x: torch.Tensor, y: torch.Tensor | None, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _crop(
+        self, x: torch.Tensor, y: torch.Tensor | None, i: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         size = self.size
         assert size is not None
         pad: list[int] = []
         for s, w in zip(reversed(x.shape[1:]), reversed(size)):
-            extra = max(0, w - s)
-            pad += [extra // 2, extra - extra // 2]
+            pad += [0, max(0, w - s)]  # at the far end, as inference pads
         if any(pad):
             x = torch.nn.functional.pad(x, pad)
             if y is not None:

@@ -89,6 +89,8 @@ def select(cases: list[Case], ids: list[str], what: str = "split") -> list[Case]
     by_id = {c.id: c for c in cases}
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise ValueError(f"{what} names {len(missing)} case(s) not in the data, e.g. {missing[:3]}; wrong data folder?")
+        raise ValueError(
+            f"{what} names {len(missing)} case(s) not in the data, e.g. {missing[:3]}; wrong data folder?"
+        )
     wanted = set(ids)
     return [c for c in cases if c.id in wanted]

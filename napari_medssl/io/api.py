@@ -75,7 +75,8 @@ def read(path: str | os.PathLike | Sequence[str | os.PathLike], **kwargs: Any) -
     for p, fmt in zip(paths, formats):
         if fmt is None:
             raise MedicalImageReadError(
-                p, "not a recognised medical image (expected DICOM, .nii/.nii.gz, .png, .tif/.tiff or a folder)"
+                p,
+                "not a recognised medical image (expected DICOM, .nii/.nii.gz, .png, .tif/.tiff or a folder)",
             )
     dicom = [p for p, f in zip(paths, formats) if f == "dicom"]
     volumes = read_dicom(dicom) if dicom else []

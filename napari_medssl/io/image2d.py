@@ -34,6 +34,10 @@ def _read_png(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
     try:
         im = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise MedicalImageReadError(
+            path, f"the header claims an enormous image; refusing to allocate ({err})"
+        ) from None
     except Exception as err:
         raise MedicalImageReadError(path, f"not a readable PNG file ({type(err).__name__}: {err})") from None
     with im:
@@ -49,7 +53,9 @@ def _read_png(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
                 im = im.convert("L")
             data = np.asarray(im)
         except Exception as err:  # truncated streams raise OSError / SyntaxError / zlib errors
-            raise MedicalImageReadError(path, f"truncated or corrupt PNG data ({type(err).__name__}: {err})") from None
+            raise MedicalImageReadError(
+                path, f"truncated or corrupt PNG data ({type(err).__name__}: {err})"
+            ) from None
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
     if data.dtype == np.int32 and data.size and data.min() >= 0 and data.max() < 65536:
@@ -105,7 +111,9 @@ def read_image(
     if data.ndim == 3 and data.shape[-1] == 4 and rgb:
         data = data[..., :3]
     if data.ndim - int(rgb) not in (2, 3):
-        raise MedicalImageReadError(path, f"an image of shape {data.shape}; expected 2D gray, RGB or a 3D stack")
+        raise MedicalImageReadError(
+            path, f"an image of shape {data.shape}; expected 2D gray, RGB or a 3D stack"
+        )
     spatial = data.ndim - int(rgb)
     pixel = tuple(float(s) for s in spacing) if spacing else (1.0, 1.0)
     vol_spacing = pixel if spatial == 2 else (1.0, *pixel)
@@ -130,7 +138,15 @@ def read_image(
     metadata["window"] = {"name": window_name, "range": list(window)}
     metadata["window_presets"] = {k: list(v) for k, v in presets.items()}
     vol = Volume(
-        data, vol_spacing, np.zeros(3), np.eye(3), modality, window, source_name(path), values is not None, metadata
+        data,
+        vol_spacing,
+        np.zeros(3),
+        np.eye(3),
+        modality,
+        window,
+        source_name(path),
+        values is not None,
+        metadata,
     )
     vol.metadata.update(vol.geometry_metadata())
     return vol
@@ -169,7 +185,9 @@ def write_image_labels(path: str | os.PathLike, data: np.ndarray) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in PNG_SUFFIXES:
         if labels.dtype == np.uint32:
-            raise MedicalImageWriteError(f"{path}: PNG holds labels up to 65535, got {int(labels.max())}; use .tif")
+            raise MedicalImageWriteError(
+                f"{path}: PNG holds labels up to 65535, got {int(labels.max())}; use .tif"
+            )
         from PIL import Image
 
         Image.fromarray(labels).save(path)

@@ -14,7 +14,17 @@ import numpy as np
 
 from .volume import MedicalImageWriteError, Volume, affine_from_geometry
 
-GRID_KEYS = ("affine", "spacing", "origin", "direction", "shape", "nifti_affine", "header", "source", "format")
+GRID_KEYS = (
+    "affine",
+    "spacing",
+    "origin",
+    "direction",
+    "shape",
+    "nifti_affine",
+    "header",
+    "source",
+    "format",
+)
 """Metadata keys that describe where an array lies; copied onto labels painted on an image."""
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
@@ -69,8 +79,12 @@ def affine_from_layer(
             )
         return np.asarray(metadata["affine"], float)
     pad = 3 - ndim
-    scale_zyx = (1.0,) * pad + tuple(float(s) for s in (scale if scale is not None else (1.0,) * ndim))[-ndim:]
-    shift_zyx = (0.0,) * pad + tuple(float(t) for t in (translate if translate is not None else (0.0,) * ndim))[-ndim:]
+    scale_zyx = (1.0,) * pad + tuple(float(s) for s in (scale if scale is not None else (1.0,) * ndim))[
+        -ndim:
+    ]
+    shift_zyx = (0.0,) * pad + tuple(
+        float(t) for t in (translate if translate is not None else (0.0,) * ndim)
+    )[-ndim:]
     return affine_from_geometry(np.asarray(scale_zyx), np.eye(3), np.asarray(shift_zyx))
 
 

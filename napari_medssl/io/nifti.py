@@ -98,7 +98,9 @@ def read_nifti(path: str | os.PathLike, *, nan_policy: str = "raise", modality: 
     try:
         img = nib.load(path)
     except Exception as err:  # nibabel raises ImageFileError, HeaderDataError, EOFError, zlib.error ...
-        raise MedicalImageReadError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+        raise MedicalImageReadError(
+            path, f"not a readable NIfTI file ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise MedicalImageReadError(path, f"a {type(img).__name__}, not a NIfTI-1/2 image")
     shape = tuple(int(s) for s in img.shape)
@@ -125,7 +127,9 @@ def read_nifti(path: str | os.PathLike, *, nan_policy: str = "raise", modality: 
     try:
         data = np.asanyarray(img.dataobj).reshape(shape)
     except Exception as err:
-        raise MedicalImageReadError(path, f"truncated or corrupt image data ({type(err).__name__}: {err})") from None
+        raise MedicalImageReadError(
+            path, f"truncated or corrupt image data ({type(err).__name__}: {err})"
+        ) from None
     if data.dtype == np.float64 and dtype != np.float64:
         data = data.astype(np.float32)  # scl_slope scaling: float32 is what napari and the models use
     notes: list[str] = []
@@ -169,7 +173,16 @@ def read_nifti(path: str | os.PathLike, *, nan_policy: str = "raise", modality: 
     metadata["window"] = {"name": window_name, "range": list(window)}
     metadata["window_presets"] = {k: list(v) for k, v in presets.items()}
     vol = Volume(
-        data, spacing, origin, direction, modality, window, source_name(path), values is not None, metadata, affine
+        data,
+        spacing,
+        origin,
+        direction,
+        modality,
+        window,
+        source_name(path),
+        values is not None,
+        metadata,
+        affine,
     )
     vol.metadata.update(vol.geometry_metadata())
     return vol
@@ -185,7 +198,9 @@ def _storage_dtype(data: np.ndarray) -> np.ndarray:
             info = np.iinfo(dtype)
             if info.min <= lo and hi <= info.max:
                 return data.astype(dtype, copy=False)
-        raise MedicalImageWriteError(f"integer values from {lo} to {hi} do not fit int32, the largest NIfTI label type")
+        raise MedicalImageWriteError(
+            f"integer values from {lo} to {hi} do not fit int32, the largest NIfTI label type"
+        )
     return data
 
 

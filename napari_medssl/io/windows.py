@@ -23,11 +23,11 @@ PERCENTILES: dict[str, tuple[float, float]] = {
 }
 """Percentile windows per modality (``default`` for everything that is neither CT nor listed)."""
 
-_MAX_SAMPLES = 250_000
+_MAX_SAMPLES = 100_000
 
 
 def _sample(data: np.ndarray, ignore_zero: bool) -> np.ndarray:
-    """A strided sample of at most ~250k finite values (the window of a 100M-voxel CT in milliseconds)."""
+    """A strided sample of at most ~100k finite values (the window of a 100M-voxel CT in milliseconds)."""
     flat = data.reshape(-1)
     sample = flat[:: max(1, flat.size // _MAX_SAMPLES)]
     if ignore_zero:

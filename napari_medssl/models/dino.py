@@ -36,6 +36,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from napari_medssl.models.layers.patch_embed import to_2tuple
 from napari_medssl.models.layers.pos_embed import resize_pos_embed
 from napari_medssl.models.registry import register_model
 from napari_medssl.models.vit import VisionTransformer
@@ -107,7 +108,7 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator | None)
 
 def random_resized_crops(
     x: torch.Tensor,
-    size: int,
+    size: int | tuple[int, int],
     scale: tuple[float, float],
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
@@ -116,18 +117,19 @@ def random_resized_crops(
 
     Args:
         x: ``(B, C, Y, X)`` images.
-        size: output side (square crops).
+        size: output ``(Y', X')`` (or one side for square crops).
         scale: range of the crop's area as a fraction of the image.
-        ratio: range of the crop's aspect ratio (width / height, in pixels).
+        ratio: range of the crop's aspect ratio (width / height in pixels) relative to the output's ``X'/Y'``.
         generator: CPU generator for the crop parameters (reproducible on any device).
 
     Returns:
-        ``(B, C, size, size)``, bilinear resampling.
+        ``(B, C, Y', X')``, bilinear resampling.
     """
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     b, _, h, w = x.shape
     area = _uniform(b, *scale, generator)
     log_r = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), generator)
-    aspect = torch.exp(log_r) * h / w  # crop width / height as fractions of the sides
+    aspect = torch.exp(log_r) * (out_w / out_h) * (h / w)  # crop width / height as fractions of the sides
     fw = torch.sqrt(area * aspect).clamp(max=1.0)
     fh = torch.sqrt(area / aspect).clamp(max=1.0)
     cx = (1 - fw) * (2 * torch.rand(b, generator=generator) - 1)  # centre in [-1, 1] coordinates
@@ -139,7 +141,7 @@ def random_resized_crops(
     theta[:, 1, 1] = fh
     theta[:, 1, 2] = cy
     theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(theta, [b, x.shape[1], out_h, out_w], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -201,14 +203,14 @@ def intensity_jitter(
 
 def multi_crop(
     x: torch.Tensor,
-    global_size: int,
-    local_size: int,
+    global_size: int | tuple[int, int],
+    local_size: int | tuple[int, int],
     n_local: int,
     global_scale: tuple[float, float] = (0.4, 1.0),
     local_scale: tuple[float, float] = (0.05, 0.4),
     generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
-    """DINO's views of a batch: 2 global crops then ``n_local`` local crops, each ``(B, C, s, s)``.
+    """DINO's views of a batch: 2 global crops ``(B, C, *global_size)`` then ``n_local`` local crops.
 
     Blur probabilities follow the paper (1.0 and 0.1 for the two global views, 0.5 for local ones).
     """
@@ -263,8 +265,8 @@ class DINO(nn.Module):
     ``num_classes == 0`` (task ``"pretrain"``): the student and its head train; the teacher (``backbone``) and
     its head are EMA copies with ``requires_grad=False``; ``forward(x)`` returns the teacher's pooled features
     ``(B, E)``. ``num_classes > 0`` (task ``"classify"``, fine-tuning): ``forward(x)`` returns logits from a
-    linear head on the teacher; the teacher trains, the student side stays for checkpoint compatibility but is
-    frozen, and the EMA hook does nothing.
+    linear head on the teacher; the teacher trains, the projection heads and the student stay (so pretraining
+    checkpoints load) but are frozen, and the EMA hook does nothing.
 
     Args:
         img_size: global crop / input size ``(Y, X)`` the model is built for.
@@ -276,7 +278,8 @@ class DINO(nn.Module):
         drop_path_rate: stochastic depth of the trained ViT (the student, or the teacher when fine-tuning).
         out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer: :class:`DINOHead`.
         n_local_crops: local crops per image (paper: 8 at 96² next to 224² global crops).
-        local_size: local crop side; default ``3/7`` of the global side rounded to the patch size.
+        local_size: local crop ``(Y, X)`` or side; default ``3/7`` of ``img_size`` rounded to the patch size
+            (the paper's 96 for 224).
         global_scale, local_scale: crop area ranges.
         student_temp: student softmax temperature.
         warmup_teacher_temp, teacher_temp: teacher temperature, warmed up linearly over
@@ -305,7 +308,7 @@ class DINO(nn.Module):
         head_layers: int = 3,
         norm_last_layer: bool = True,
         n_local_crops: int = 4,
-        local_size: int | None = None,
+        local_size: int | Sequence[int] | None = None,
         global_scale: Sequence[float] = (0.4, 1.0),
         local_scale: Sequence[float] = (0.05, 0.4),
         student_temp: float = 0.1,
@@ -349,16 +352,25 @@ class DINO(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict(), strict=False)  # equal start (bar the head)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
         self.register_buffer("center", torch.zeros(1, out_dim))
-        frozen = (self.teacher, self.teacher_head) if pretrain else (self.student, self.student_head)
+        frozen = (
+            (self.teacher, self.teacher_head)
+            if pretrain
+            else (self.student, self.student_head, self.teacher_head)
+        )
         for module in frozen:
             module.requires_grad_(False)
 
         self.in_chans = in_chans
         self.input_size = self.teacher.input_size
         self.patch_size = patch_size
-        self.global_size = min(self.input_size)
-        default_local = max(patch_size, round(self.global_size * 3 / 7 / patch_size) * patch_size)
-        self.local_size = local_size or default_local
+        self.global_size = self.input_size
+        if local_size is None:
+            local_size = tuple(
+                max(patch_size, round(s * 3 / 7 / patch_size) * patch_size) for s in self.input_size
+            )
+        self.local_size = to_2tuple(
+            local_size if isinstance(local_size, int) else tuple(local_size), "local_size"
+        )
         self.n_local_crops = n_local_crops
         self.global_scale = tuple(global_scale)
         self.local_scale = tuple(local_scale)
@@ -403,7 +415,8 @@ class DINO(nn.Module):
         """Multi-crop self-distillation loss on a batch of images.
 
         Args:
-            x: ``(B, C, Y, X)`` images in [0, 1]; crops are made here, on ``x``'s device.
+            x: ``(B, C, Y, X)`` images in [0, 1], any size (``input_size`` or larger: crops are resampled to
+                the global and local crop sizes); crops are made here, on ``x``'s device.
             y: ignored (DINO uses no labels).
             generator: CPU generator for the crop and jitter parameters.
 
@@ -412,7 +425,9 @@ class DINO(nn.Module):
             near ``log K`` signals collapse). In training mode the centre is updated from this batch.
         """
         if self.task != "pretrain":
-            raise ValueError("pretrain_loss needs a pretraining DINO (num_classes=0); this one is a classifier")
+            raise ValueError(
+                "pretrain_loss needs a pretraining DINO (num_classes=0); this one is a classifier"
+            )
         views = multi_crop(
             x,
             self.global_size,
@@ -424,11 +439,15 @@ class DINO(nn.Module):
         )
         globals_ = torch.cat(views[:2])
         with torch.no_grad():
-            teacher_out = self.teacher_head(self.teacher.forward_head(self.teacher.forward_features(globals_)))
+            teacher_out = self.teacher_head(
+                self.teacher.forward_head(self.teacher.forward_features(globals_))
+            )
         student_feats = [self.student.forward_head(self.student.forward_features(globals_), pre_logits=True)]
         if self.n_local_crops:
             locals_ = torch.cat(views[2:])
-            student_feats.append(self.student.forward_head(self.student.forward_features(locals_), pre_logits=True))
+            student_feats.append(
+                self.student.forward_head(self.student.forward_features(locals_), pre_logits=True)
+            )
         student_out = self.student_head(torch.cat(student_feats))
         loss = dino_loss(
             student_out, teacher_out, self.center, len(views), self.student_temp, self.teacher_temp
@@ -465,12 +484,16 @@ class DINO(nn.Module):
             torch._foreach_lerp_([t for t, _ in pairs], [s for _, s in pairs], 1 - self.momentum)
         warm = self.warmup_teacher_frac
         ramp = min(frac / warm, 1.0) if warm > 0 else 1.0
-        self.teacher_temp = self.warmup_teacher_temp + ramp * (self.final_teacher_temp - self.warmup_teacher_temp)
+        self.teacher_temp = self.warmup_teacher_temp + ramp * (
+            self.final_teacher_temp - self.warmup_teacher_temp
+        )
 
 
 # -- attention maps -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def attention_maps(model: nn.Module, x: torch.Tensor, upsample: bool = True, normalize: bool = True) -> torch.Tensor:
+def attention_maps(
+    model: nn.Module, x: torch.Tensor, upsample: bool = True, normalize: bool = True
+) -> torch.Tensor:
     """Per-head [CLS]→patch attention of a ViT's last block, as images.
 
     The one code path for attention maps: the DINO-attention CNN's second input and the viewer's overlays.
@@ -610,7 +633,9 @@ def load_dino_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict[str,
     elif isinstance(model, VisionTransformer):
         targets = [model]
     else:
-        raise ValueError(f"load_dino_checkpoint loads into a VisionTransformer or DINO, got {type(model).__name__}")
+        raise ValueError(
+            f"load_dino_checkpoint loads into a VisionTransformer or DINO, got {type(model).__name__}"
+        )
     state, _ = _select_state(_read_state_file(path))
     state = {_strip(k): v for k, v in state.items()}
     vit = targets[0]
@@ -651,7 +676,14 @@ def load_dino_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict[str,
 
 # -- registered sizes ---------------------------------------------------------------------------------------
 _TINY = dict(
-    img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, out_dim=4096, hidden_dim=512, bottleneck_dim=128
+    img_size=64,
+    patch_size=8,
+    embed_dim=192,
+    depth=6,
+    num_heads=3,
+    out_dim=4096,
+    hidden_dim=512,
+    bottleneck_dim=128,
 )
 _SMALL = dict(
     img_size=224,

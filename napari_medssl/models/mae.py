@@ -91,7 +91,9 @@ class MAE(VisionTransformer):
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * self.in_chans)
-        init_vit_weights(self)
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            init_vit_weights(part)  # the encoder was initialised by VisionTransformer
+        nn.init.normal_(self.mask_token, std=0.02)
 
     # -- MAE steps ------------------------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -179,7 +181,9 @@ class MAE(VisionTransformer):
 
     # -- display --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0) -> dict[str, torch.Tensor]:
+    def reconstruct(
+        self, x: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
         """MAE's picture: the reconstruction, the mask and the reconstruction with visible patches pasted.
 
         With ``norm_pix_loss`` the predictions are de-normalised with each patch's true mean and spread (the

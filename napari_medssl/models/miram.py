@@ -202,7 +202,9 @@ class MIRAM(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(scale, int) or scale < 2:
-            raise ValueError(f"scale must be an int >= 2 (high-resolution side / low-resolution side), got {scale!r}")
+            raise ValueError(
+                f"scale must be an int >= 2 (high-resolution side / low-resolution side), got {scale!r}"
+            )
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         high = to_2tuple(img_size if isinstance(img_size, int) else tuple(img_size), "img_size")
@@ -238,7 +240,15 @@ class MIRAM(nn.Module):
         high_grid = (low_grid[0] * scale, low_grid[1] * scale)
         out_dim = patch_size**2 * in_chans
         self.decoder = ScaleDecoder(
-            embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads, low_grid, out_dim, "sdpa", None, mlp_ratio
+            embed_dim,
+            decoder_embed_dim,
+            decoder_depth,
+            decoder_num_heads,
+            low_grid,
+            out_dim,
+            "sdpa",
+            None,
+            mlp_ratio,
         )
         hr_kw = dict(hr_attention_kw or {})
         if hr_attention == "linformer":
@@ -274,7 +284,9 @@ class MIRAM(nn.Module):
     def encoder_view(self, x: torch.Tensor) -> torch.Tensor:
         """The low-resolution view the encoder sees: ``(B, C, Y, X) -> (B, C, Y/s, X/s)`` (area average)."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected a (B, {self.in_chans}, Y, X) image tensor, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a (B, {self.in_chans}, Y, X) image tensor, got shape {tuple(x.shape)}"
+            )
         return F.avg_pool2d(self.pad(x), self.scale)
 
     # -- fine-tuning / features -----------------------------------------------------------------------------
@@ -372,7 +384,9 @@ class MIRAM(nn.Module):
         return {"loss": loss, "loss_low": loss_low.detach(), "loss_high": loss_high.detach()}
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mask_ratio: float | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    def reconstruct(
+        self, x: torch.Tensor, mask_ratio: float | None = None, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Both reconstructions for display, at the input's size ``(B, C, Y, X)``.
 
         Returns:
@@ -398,7 +412,8 @@ class MIRAM(nn.Module):
             up = partial(F.interpolate, scale_factor=self.scale, mode="nearest")
             rec_low = up(image(out["pred_low"], out["low"], out["low_grid"]))[..., :y, :xw]
             rec_high = image(out["pred_high"], out["high"], out["high_grid"])[..., :y, :xw]
-            mask = unpatchify(out["mask_high"][:, :, None].expand(-1, -1, p * p), p, out["high_grid"])[..., :y, :xw]
+            mask_patches = out["mask_high"][:, :, None].expand(-1, -1, p * p)  # (B, N_high, p·p)
+            mask = unpatchify(mask_patches, p, out["high_grid"])[..., :y, :xw]
             return {
                 "low": up(out["low"])[..., :y, :xw],
                 "reconstruction_low": rec_low,

@@ -120,7 +120,9 @@ class MSMAE(MAE):
             w = self.own_weights(x)  # (B, gh, gw)
             if self.guide == "prior":
                 mean = w.mean(dim=0, keepdim=True)[:, None]  # (1, 1, gh, gw)
-                self.attn_prior = F.interpolate(mean, size=self.base_grid, mode="bilinear", align_corners=False)
+                self.attn_prior = F.interpolate(
+                    mean, size=self.base_grid, mode="bilinear", align_corners=False
+                )
                 self.refresh_due = False
             return w.reshape(b, n)
         prior = F.interpolate(self.attn_prior, size=grid, mode="bilinear", align_corners=False)
@@ -187,7 +189,9 @@ class MSMAE(MAE):
         """
         w = self.own_weights(x)
         gen = torch.Generator(device=w.device).manual_seed(int(seed))
-        parts = attention_guided_masking(w.flatten(1), self.guided_mask_ratio, self.throw_ratio, generator=gen)
+        parts = attention_guided_masking(
+            w.flatten(1), self.guided_mask_ratio, self.throw_ratio, generator=gen
+        )
         return w, parts["labels"].reshape(w.shape)
 
 

@@ -15,11 +15,13 @@ Axis legend: B batch, N tokens, E embedding, H heads, D head size, M landmarks /
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -86,10 +88,15 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
     return z
 
 
+def unpack_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Views ``q, k, v`` ``(B, H, N, D)`` of packed ``(B, N, 3, H, D)``."""
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
 class _MultiHeadAttention(nn.Module):
     """Shared projections: ``qkv`` (E → 3E), optional per-head q/k norm, ``proj`` (E → E).
 
-    Subclasses implement :meth:`attend` on per-head tensors ``(B, H, N, D)``.
+    Subclasses implement :meth:`attend`: packed ``qkv`` ``(B, N, 3, H, D)`` → per-head output ``(B, N, H, D)``.
     """
 
     def __init__(
@@ -116,24 +123,28 @@ class _MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-head queries, keys, values ``(B, H, N, D)`` each (strided views of one buffer)."""
+    def packed_qkv(self, x: Tensor) -> Tensor:
+        """Queries, keys and values of tokens ``(B, N, E)`` packed as ``(B, N, 3, H, D)``."""
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected tokens of shape (B, N, {self.dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        if isinstance(self.q_norm, nn.Identity):
+            return qkv
+        return torch.stack([self.q_norm(qkv[:, :, 0]), self.k_norm(qkv[:, :, 1]), qkv[:, :, 2]], dim=2)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Attention output per head ``(B, H, N, D)`` from ``q, k, v`` ``(B, H, N, D)``."""
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head queries, keys, values ``(B, H, N, D)`` each (strided views of one buffer)."""
+        return unpack_qkv(self.packed_qkv(x))
+
+    def attend(self, qkv: Tensor) -> Tensor:
+        """Attention output ``(B, N, H, D)`` from packed ``qkv`` ``(B, N, 3, H, D)``."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)``."""
-        b, n, _ = x.shape
-        out = self.attend(*self.project_qkv(x))
-        out = out.transpose(1, 2).reshape(b, n, self.dim)
-        return self.proj_drop(self.proj(out))
+        out = self.attend(self.packed_qkv(x))
+        return self.proj_drop(self.proj(out.reshape(*x.shape[:2], self.dim)))
 
 
 class SDPAAttention(_MultiHeadAttention):
@@ -150,14 +161,109 @@ class SDPAAttention(_MultiHeadAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.attn_drop = attn_drop
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, qkv: Tensor) -> Tensor:
         p = self.attn_drop if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return F.scaled_dot_product_attention(*unpack_qkv(qkv), dropout_p=p).transpose(1, 2)
 
     def attention_weights(self, x: Tensor) -> Tensor:
         """The explicit attention matrix ``softmax(Q Kᵀ / √D)`` ``(B, H, N, N)``: O(N²) memory, for analysis."""
         q, k, _ = self.project_qkv(x)
         return torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
+
+
+_CHUNK = 4096  # tokens per block in the fused kernels: (B, H, 4096, M) temporaries
+
+
+def _landmark_mix(q_land: Tensor, k_land: Tensor, kv3: Tensor, scale: float, iterations: int) -> Tensor:
+    """``W = pinv(softmax(s Q̃ K̃ᵀ)) · kv3`` ``(B, H, M, D)``, in at least float32 (small M × M graph)."""
+    work = torch.promote_types(kv3.dtype, torch.float32)
+    q_land, k_land = q_land.to(work), k_land.to(work)
+    kernel_2 = torch.softmax(scale * q_land @ k_land.transpose(-1, -2), dim=-1)
+    return (iterative_pinv(kernel_2, iterations) @ kv3.to(work)).to(kv3.dtype)
+
+
+def _add_segment_grad(grad: Tensor, grad_means: Tensor) -> None:
+    """In place: ``grad`` ``(..., N, D)`` += the gradient of :func:`segment_means` for ``grad_means`` (N ≥ M)."""
+    n, m = grad.shape[-2], grad_means.shape[-2]
+    size, rest = divmod(n, m)
+    split = rest * (size + 1)
+    if rest:
+        grad[..., :split, :].unflatten(-2, (rest, size + 1)).add_(
+            grad_means[..., :rest, None, :] / (size + 1)
+        )
+    grad[..., split:, :].unflatten(-2, (m - rest, size)).add_(grad_means[..., rest:, None, :] / size)
+
+
+class _NystromKernels(torch.autograd.Function):
+    """Fused Nyström attention on the packed ``qkv`` ``(B, N, 3, H, D)`` → ``(B, N, H, D)``.
+
+    Forward: landmarks, ``kv3 = softmax(s Q̃ Kᵀ) V`` by an online (flash-style) softmax over key blocks,
+    ``W`` from the pseudo-inverse, and ``softmax(s Q K̃ᵀ) W`` by the fused SDPA kernel. Saved for backward:
+    ``qkv`` (kept by the projection anyway) and (B, H, M, ·) tensors. Backward recomputes each (block × M)
+    probability matrix and writes dQ, dK, dV straight into one ``(B, N, 3, H, D)`` buffer, the gradient of the
+    ``qkv`` projection's output: no per-head gradients to stack, no N × M matrix held.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, num_landmarks: int, iterations: int, scale: float) -> Tensor:
+        q, k, v = unpack_qkv(qkv)  # (B, H, N, D) views
+        q_land, k_land = segment_means(q, num_landmarks), segment_means(k, num_landmarks)
+        q_land_s = q_land * scale
+        run_max = q_land.new_full((*q_land.shape[:-1], 1), float("-inf"))
+        denom = torch.zeros_like(run_max)
+        kv3 = torch.zeros_like(q_land)
+        for start in range(0, k.shape[-2], _CHUNK):
+            logits = q_land_s @ k[..., start : start + _CHUNK, :].transpose(-1, -2)  # (B, H, M, c)
+            new_max = torch.maximum(run_max, logits.amax(-1, keepdim=True))
+            correction = torch.exp(run_max - new_max)
+            p = logits.sub_(new_max).exp_()
+            denom = denom * correction + p.sum(-1, keepdim=True)
+            kv3 = kv3 * correction + p @ v[..., start : start + _CHUNK, :]
+            run_max = new_max
+        kv3 = kv3 / denom  # softmax(s Q̃ Kᵀ) V
+        lse3 = run_max + denom.log()
+        w = _landmark_mix(q_land, k_land, kv3, scale, iterations)
+        out = F.scaled_dot_product_attention(q, k_land, w, scale=scale)  # softmax(s Q K̃ᵀ) W
+        ctx.save_for_backward(qkv, q_land, k_land, kv3, lse3, w)
+        ctx.iterations, ctx.scale = iterations, scale
+        return out.transpose(1, 2).contiguous()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        qkv, q_land, k_land, kv3, lse3, w = ctx.saved_tensors
+        scale, n = ctx.scale, qkv.shape[1]
+        q, k, v = unpack_qkv(qkv)
+        grad_out = grad_out.transpose(1, 2)  # (B, H, N, D)
+        grad_qkv = torch.empty_like(qkv)
+        dq, dk, dv = unpack_qkv(grad_qkv)
+        q_land_s, k_land_s = q_land * scale, k_land * scale
+        dw, dk_land = torch.zeros_like(w), torch.zeros_like(k_land)
+        for start in range(0, n, _CHUNK):  # kernel 1: out = P W, P = softmax(s Q K̃ᵀ)
+            q_c, do_c = q[..., start : start + _CHUNK, :], grad_out[..., start : start + _CHUNK, :]
+            p = torch.softmax(q_c @ k_land_s.transpose(-1, -2), dim=-1)  # (B, H, c, M)
+            dw += p.transpose(-1, -2) @ do_c
+            dp = do_c @ w.transpose(-1, -2)
+            ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)  # dS / s
+            dq[..., start : start + _CHUNK, :] = ds @ k_land_s
+            dk_land += ds.transpose(-1, -2) @ q_c
+        with torch.enable_grad():  # the small graph W = pinv(softmax(s Q̃ K̃ᵀ)) kv3
+            leaves = [t.detach().requires_grad_() for t in (q_land, k_land, kv3)]
+            w_again = _landmark_mix(*leaves, scale, ctx.iterations)
+            dq_land, dk_land_2, dkv3 = torch.autograd.grad(w_again, leaves, dw)
+        dk_land = dk_land_2.add_(dk_land, alpha=scale)
+        delta = (dkv3 * kv3).sum(-1, keepdim=True)  # rowsum(P3 ∘ dP3)
+        dq_land_3 = torch.zeros_like(q_land)
+        for start in range(0, n, _CHUNK):  # kernel 3: kv3 = P3 V, P3 = softmax(s Q̃ Kᵀ)
+            k_c, v_c = k[..., start : start + _CHUNK, :], v[..., start : start + _CHUNK, :]
+            p = (q_land_s @ k_c.transpose(-1, -2)).sub_(lse3).exp_()  # (B, H, M, c)
+            dv[..., start : start + _CHUNK, :] = p.transpose(-1, -2) @ dkv3
+            ds = (dkv3 @ v_c.transpose(-1, -2)).sub_(delta).mul_(p)  # dS / s
+            dk[..., start : start + _CHUNK, :] = ds.transpose(-1, -2) @ q_land_s
+            dq_land_3 += ds @ k_c
+        _add_segment_grad(dq, dq_land.add_(dq_land_3, alpha=scale))
+        _add_segment_grad(dk, dk_land)
+        return grad_qkv, None, None, None
 
 
 class NystromAttention(_MultiHeadAttention):
@@ -167,9 +273,11 @@ class NystromAttention(_MultiHeadAttention):
 
         ``Ŝ V = softmax(s Q K̃ᵀ) · pinv(softmax(s Q̃ K̃ᵀ)) · (softmax(s Q̃ Kᵀ) V)``
 
-    evaluated right to left: ``softmax(s Q̃ Kᵀ) V`` and ``softmax(s Q K̃ᵀ) W`` are two calls of the fused SDPA
-    kernel (M queries over N keys, N queries over M keys), so no N × M matrix is ever stored, forward or
-    backward; only the M × M kernel and its iterative pseudo-inverse (eq. 16) are explicit. Cost O(N M D).
+    evaluated right to left, so the cost is O(N M D). The pseudo-inverse is the paper's iteration (eq. 16,
+    :func:`iterative_pinv`). Built for CPU speed and memory: one fused autograd function
+    (:class:`_NystromKernels`) computes the two N × M kernels block by block in forward and backward and
+    writes the gradient of the packed ``qkv`` directly, so no N × M matrix is ever stored and the layer's peak
+    memory stays below that of exact fused attention (see ``benchmarks/README.md``).
     Any N works: the landmarks are means of segments that split the N tokens exactly (:func:`segment_means`);
     when N ≤ M the layer computes exact attention (the approximation would not save anything).
 
@@ -204,19 +312,87 @@ class NystromAttention(_MultiHeadAttention):
             h = num_heads
             self.conv = nn.Conv2d(h, h, (conv_kernel, 1), padding=(conv_kernel // 2, 0), groups=h, bias=False)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        m = self.num_landmarks
-        if q.shape[-2] <= m:
-            out = F.scaled_dot_product_attention(q, k, v)
+    def attend(self, qkv: Tensor) -> Tensor:
+        if qkv.shape[1] <= self.num_landmarks:  # exact: the approximation would cost more than it saves
+            out = F.scaled_dot_product_attention(*unpack_qkv(qkv)).transpose(1, 2)
         else:
-            q_land, k_land = segment_means(q, m), segment_means(k, m)  # (B, H, M, D)
-            kernel_2 = torch.softmax((q_land * self.scale) @ k_land.transpose(-1, -2), dim=-1)
-            kernel_3_v = F.scaled_dot_product_attention(q_land, k, v)  # softmax(s Q̃ Kᵀ) V: (B, H, M, D)
-            w = iterative_pinv(kernel_2, self.pinv_iterations) @ kernel_3_v
-            out = F.scaled_dot_product_attention(q, k_land, w)  # softmax(s Q K̃ᵀ) W: (B, H, N, D)
+            out = _NystromKernels.apply(qkv, self.num_landmarks, self.pinv_iterations, self.scale)
         if self.conv is not None:
-            out = out + self.conv(v)
+            out = out + self.conv(qkv[:, :, 2].transpose(1, 2)).transpose(1, 2)
         return out
+
+
+def _favor_features(x: Tensor, features: Tensor, eps: float, peak: Tensor | None = None) -> Tensor:
+    """Positive random features ``exp(W x − ‖x‖²/2 − peak) + eps`` ``(B, H, c, M)`` of ``x`` ``(B, H, c, D)``.
+
+    ``peak=None``: each row's own maximum exponent (queries); otherwise a shared (B, H, 1, 1) one (keys).
+    """
+    wx = (x @ features.T).sub_(0.5 * x.square().sum(-1, keepdim=True))
+    return wx.sub_(wx.amax(-1, keepdim=True) if peak is None else peak).exp_().add_(eps)
+
+
+class _FavorKernels(torch.autograd.Function):
+    """Fused FAVOR+ on the packed ``qkv`` ``(B, N, 3, H, D)`` → ``(B, N, H, D)``, block by block over tokens.
+
+    Forward: the keys' shared maximum exponent (one pass), ``φ(K)ᵀ V`` ``(M, D)`` and ``φ(K)ᵀ 1`` ``(M,)``
+    (second pass), then each query block's ``φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1)``. Backward recomputes the
+    feature blocks and writes dQ, dK, dV into one ``(B, N, 3, H, D)`` buffer; no (N × M) feature matrix is
+    kept. The stabilising maxima are constants for the gradient (they cancel in the normalisation).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, features: Tensor, root_scale: float, eps: float) -> Tensor:
+        q, k, v = unpack_qkv(qkv)
+        b, n, _, h, d = qkv.shape
+        key_peak = q.new_full((b, h, 1, 1), float("-inf"))
+        for start in range(0, n, _CHUNK):
+            k_c = root_scale * k[..., start : start + _CHUNK, :]
+            wk = k_c @ features.T - 0.5 * k_c.square().sum(-1, keepdim=True)
+            key_peak = torch.maximum(key_peak, wk.amax((-1, -2), keepdim=True))
+        kv = q.new_zeros(b, h, features.shape[0], d)
+        k_sum = q.new_zeros(b, h, features.shape[0], 1)
+        for start in range(0, n, _CHUNK):
+            phi = _favor_features(root_scale * k[..., start : start + _CHUNK, :], features, eps, key_peak)
+            kv += phi.transpose(-1, -2) @ v[..., start : start + _CHUNK, :]
+            k_sum += phi.sum(-2).unsqueeze(-1)
+        out = qkv.new_empty(b, n, h, d)
+        for start in range(0, n, _CHUNK):
+            phi = _favor_features(root_scale * q[..., start : start + _CHUNK, :], features, eps)
+            out[:, start : start + _CHUNK] = ((phi @ kv) / (phi @ k_sum)).transpose(1, 2)
+        ctx.save_for_backward(qkv, features, key_peak, kv, k_sum, out)
+        ctx.root_scale, ctx.eps = root_scale, eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        qkv, features, key_peak, kv, k_sum, out = ctx.saved_tensors
+        rs, eps, n = ctx.root_scale, ctx.eps, qkv.shape[1]
+        q, k, v = unpack_qkv(qkv)
+        grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)  # (B, H, N, D)
+        grad_qkv = torch.empty_like(qkv)
+        dq, dk, dv = unpack_qkv(grad_qkv)
+        d_kv, d_k_sum = torch.zeros_like(kv), torch.zeros_like(k_sum)
+        for start in range(0, n, _CHUNK):  # out = φ(Q) kv / (φ(Q) k_sum)
+            sl = slice(start, start + _CHUNK)
+            q_c = rs * q[..., sl, :]
+            phi = _favor_features(q_c, features, eps)
+            g = grad_out[..., sl, :] / (phi @ k_sum)  # dO / denominator
+            t = (g * out[..., sl, :]).sum(-1, keepdim=True)
+            d_kv += phi.transpose(-1, -2) @ g
+            d_k_sum -= phi.transpose(-1, -2) @ t
+            d_wx = (g @ kv.transpose(-1, -2)).sub_(t @ k_sum.transpose(-1, -2)).mul_(phi.sub_(eps))
+            dq[..., sl, :] = rs * (d_wx @ features - d_wx.sum(-1, keepdim=True) * q_c)
+        for start in range(0, n, _CHUNK):  # kv = φ(K)ᵀ V, k_sum = φ(K)ᵀ 1
+            sl = slice(start, start + _CHUNK)
+            k_c = rs * k[..., sl, :]
+            phi = _favor_features(k_c, features, eps, key_peak)
+            dv[..., sl, :] = phi @ d_kv
+            d_wx = (
+                (v[..., sl, :] @ d_kv.transpose(-1, -2)).add_(d_k_sum.transpose(-1, -2)).mul_(phi.sub_(eps))
+            )
+            dk[..., sl, :] = rs * (d_wx @ features - d_wx.sum(-1, keepdim=True) * k_c)
+        return grad_qkv, None, None, None
 
 
 class PerformerAttention(_MultiHeadAttention):
@@ -229,7 +405,8 @@ class PerformerAttention(_MultiHeadAttention):
 
     and attention is ``D̂⁻¹ (φ(Q) (φ(K)ᵀ V))`` with ``D̂ = diag(φ(Q) (φ(K)ᵀ 1_N))`` (eq. 4): O(N M D).
     Numerically stable: each query's features are divided by their largest value and all keys' features by
-    one shared largest value per (batch, head); both factors cancel in the normalisation ``D̂⁻¹``.
+    one shared largest value per (batch, head); both factors cancel in the normalisation ``D̂⁻¹``. A fused
+    autograd function (:class:`_FavorKernels`) works block by block, so no (N × M) feature matrix is stored.
 
     Args:
         dim: embedding size E.
@@ -274,27 +451,12 @@ class PerformerAttention(_MultiHeadAttention):
         norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
         self.features.copy_(w * norms)
 
-    def _feature_map(self, x: Tensor, is_query: bool) -> Tensor:
-        """φ(x) ``(B, H, N, M)`` for x ``(B, H, N, D)`` already scaled by ``s^½``, up to a cancelling factor."""
-        wx = x @ self.features.to(x.dtype).T
-        wx = wx - 0.5 * x.square().sum(-1, keepdim=True)
-        if is_query:
-            peak = wx.amax(-1, keepdim=True)
-        else:
-            peak = wx.amax((-1, -2), keepdim=True)
-        return torch.exp(wx - peak.detach()) + self.eps
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, qkv: Tensor) -> Tensor:
         if self.training and self.redraw_interval is not None:
-            if self.calls.item() % self.redraw_interval == 0 and self.calls.item() > 0:
+            if self.calls.item() > 0 and self.calls.item() % self.redraw_interval == 0:
                 self.redraw_features()
             self.calls += 1
-        root_scale = self.scale**0.5
-        q_feat = self._feature_map(q * root_scale, is_query=True)  # (B, H, N, M)
-        k_feat = self._feature_map(k * root_scale, is_query=False)  # (B, H, N, M)
-        kv = k_feat.transpose(-1, -2) @ v  # φ(K)ᵀ V: (B, H, M, D)
-        normaliser = q_feat @ k_feat.sum(-2).unsqueeze(-1)  # φ(Q) φ(K)ᵀ 1: (B, H, N, 1)
-        return (q_feat @ kv) / normaliser
+        return _FavorKernels.apply(qkv, self.features.to(qkv.dtype), self.scale**0.5, self.eps)
 
 
 class LinformerAttention(_MultiHeadAttention):
@@ -335,11 +497,12 @@ class LinformerAttention(_MultiHeadAttention):
         self.proj_k = nn.Parameter(torch.randn(k, seq_len) / math.sqrt(k))  # E ~ N(0, 1/k) (Sec. 4)
         self.proj_v = None if share_kv else nn.Parameter(torch.randn(k, seq_len) / math.sqrt(k))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, qkv: Tensor) -> Tensor:
+        q, k, v = unpack_qkv(qkv)
         proj_v = self.proj_k if self.proj_v is None else self.proj_v
         k_low = self.proj_k @ segment_means(k, self.seq_len)  # E P_N K: (B, H, k, D)
         v_low = proj_v @ segment_means(v, self.seq_len)  # F P_N V: (B, H, k, D)
-        return F.scaled_dot_product_attention(q, k_low, v_low)
+        return F.scaled_dot_product_attention(q, k_low, v_low).transpose(1, 2)
 
 
 ATTENTION_KINDS: dict[str, type[_MultiHeadAttention]] = {
@@ -367,7 +530,14 @@ def make_attention(kind: str, dim: int, num_heads: int, **kwargs) -> _MultiHeadA
     """
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; expected one of {sorted(ATTENTION_KINDS)}")
-    try:
-        return ATTENTION_KINDS[kind](dim, num_heads, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"bad options for attention kind {kind!r}: {err}") from err
+    cls = ATTENTION_KINDS[kind]
+    accepted = {
+        name
+        for c in (cls, _MultiHeadAttention)
+        for name, param in inspect.signature(c.__init__).parameters.items()
+        if param.kind is param.KEYWORD_ONLY or param.kind is param.POSITIONAL_OR_KEYWORD
+    } - {"self", "dim", "num_heads"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"attention kind {kind!r} takes no option {unknown}; accepted: {sorted(accepted)}")
+    return cls(dim, num_heads, **kwargs)

@@ -56,7 +56,9 @@ def norm_nd(kind: str, spatial_dims: int, channels: int) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, spatial_dims: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+def pad_to_multiple(
+    x: torch.Tensor, multiple: int, spatial_dims: int
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Zero-pad the last ``spatial_dims`` axes of ``x`` at their far end up to multiples of ``multiple``.
 
     Args:

@@ -1,0 +1,115 @@
+"""``python -m napari_medssl``: napari with the plugin's three docks, a real image and a trained model.
+
+By default the hippocampus MRI sample (from ``$MEDSSL_DATA_DIR``, else the public archive) is opened with its
+labels, the Model dock selects a trained zoo segmenter for it, and the Attention & masking and Fine-tune docks
+sit beside it. ``--sample mammogram`` opens a mini-MIAS mammogram and prefers a classifier; ``--image PATH``
+opens any file the plugin reads; ``--model NAME`` picks a zoo model or a ``.safetensors`` checkpoint.
+napari is imported only inside :func:`main`, so a spawned training process that re-imports this module stays
+light.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+DOCKS = ("Model", "Attention & masking", "Fine-tune")
+PLUGIN = "napari-medssl"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options of ``python -m napari_medssl``."""
+    parser = argparse.ArgumentParser(prog="python -m napari_medssl", description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", default="hippocampus", help="sample to open (hippocampus, mammogram, ...)")
+    parser.add_argument("--image", default=None, help="open this file or DICOM folder instead of a sample")
+    parser.add_argument("--model", default=None, help="zoo model name or .safetensors checkpoint for the Model dock")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda or mps")
+    return parser.parse_args(argv)
+
+
+def choose_model(names: Sequence[str], spatial_dims: int, hint: str, tasks: dict[str, str]) -> str | None:
+    """A zoo model for the opened image: one whose name mentions ``hint`` (the data), a segmenter for a
+    volume and a classifier for a 2D image first; ``None`` when the zoo is empty."""
+    if not names:
+        return None
+    want = "segment" if spatial_dims == 3 else "classify"
+
+    def rank(name: str) -> tuple[int, int, int, str]:
+        return (hint.lower() not in name.lower(), tasks.get(name) != want, tasks.get(name) is None, name)
+
+    return sorted(names, key=rank)[0]
+
+
+def _zoo_tasks() -> dict[str, str]:
+    from napari_medssl import zoo
+
+    tasks = {}
+    for name in zoo.list_zoo():
+        try:
+            tasks[name] = str(zoo.card(name).get("task"))
+        except ValueError:
+            continue
+    return tasks
+
+
+def open_layers(viewer: Any, args: argparse.Namespace) -> Any:
+    """Add the image (and its labels) to the viewer; return the image layer."""
+    if args.image:
+        layers = viewer.open(args.image, plugin=PLUGIN)
+    else:
+        from napari_medssl import _sample_data
+
+        loader = getattr(_sample_data, args.sample, None)
+        if loader is None:
+            raise ValueError(f"unknown sample {args.sample!r}; try hippocampus, mammogram, ct_nifti, ct_dicom")
+        layers = []
+        for data, kwargs, kind in loader():
+            layers.append(getattr(viewer, f"add_{kind}")(data, **kwargs))
+    images = [ly for ly in layers if ly.__class__.__name__ == "Image"]
+    if not images:
+        raise ValueError("nothing to show: the input holds no image")
+    viewer.layers.selection.active = images[0]
+    return images[0]
+
+
+def setup(viewer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Open the image, dock the three widgets and select a model; return the docks by name."""
+    from napari.utils.notifications import show_warning
+
+    image = open_layers(viewer, args)
+    docks = {}
+    for i, name in enumerate(DOCKS):
+        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=i > 1)
+        docks[name] = widget
+    model = args.model
+    if model is None:
+        tasks = _zoo_tasks()
+        hint = args.sample if not args.image else image.name
+        model = choose_model(sorted(tasks), 3 if image.ndim == 3 and not image.rgb else 2, hint, tasks)
+    if model is None:
+        show_warning("The model zoo is empty: train one (see models/README) or open a .safetensors checkpoint")
+    else:
+        docks["Model"].select(model, device=args.device)
+        docks["Model"].image_combo.setCurrentText(image.name)
+    docks["Fine-tune"].image_combo.setCurrentText(image.name)
+    docks["Attention & masking"].image_combo.setCurrentText(image.name)
+    if image.ndim == 3:
+        viewer.dims.set_current_step(0, image.data.shape[0] // 2)
+    return docks
+
+
+def main(argv: Sequence[str] | None = None, run: bool = True) -> Any:
+    """Open napari with the docks, the image and the model; block in the event loop when ``run``.
+
+    Returns:
+        The viewer (useful with ``run=False``, in tests and notebooks).
+    """
+    import napari
+
+    args = parse_args(argv)
+    viewer = napari.Viewer(title="napari-medssl")
+    setup(viewer, args)
+    if run:
+        napari.run()
+    return viewer

@@ -1,0 +1,516 @@
+"""The Fine-tune dock: train the Model dock's model on what the user painted, in a separate process.
+
+Annotations: a Labels layer (0 = unlabelled, value ``k + 1`` = class ``k``) painted on any slices, for
+segmentation; or Shapes (boxes) / Points named by class (a ``class`` feature, else the layer's name), for
+classification. Start hands plain arrays to :class:`~napari_medssl.finetune_process.TrainingProcess`; a GUI timer
+polls its events into a live loss / validation plot and an ETA. Stop ends the process within 2 s. The best
+checkpoint goes to the Model dock. Painted labels are autosaved (:mod:`napari_medssl.autosave`) and offered
+back after a crash; closing napari stops training.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels, Points, Shapes
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_medssl import autosave
+from napari_medssl._widgets._common import LayerCombo, is_overlay, is_prediction, report_error
+from napari_medssl._widgets._plot import CurvePlot
+from napari_medssl._widgets._session import get_session
+from napari_medssl.finetune_process import (
+    TrainingProcess,
+    classification_samples,
+    new_run_dir,
+    segmentation_samples,
+)
+
+TARGET = "napari_medssl.finetune_process:finetune_events"
+VAL_METRICS = ("mean_dice", "auc", "accuracy", "val_loss")
+MIN_HELD_OUT = 4  # fewer annotated cases than this: validate on the annotations themselves
+
+
+def model_facts(source: str) -> dict[str, Any]:
+    """Task, spatial dims, classes and input size of a zoo model or checkpoint (loaded on the CPU)."""
+    from napari_medssl import zoo
+    from napari_medssl._widgets.model_widget import class_names
+
+    model = zoo.load(source, device="cpu")
+    return {
+        "task": getattr(model, "task", None),
+        "spatial_dims": int(getattr(model, "spatial_dims", 2)),
+        "num_classes": int(getattr(model, "num_classes", 0) or 0),
+        "class_names": class_names(model, getattr(model, "card", None) or {}),
+        "input_size": getattr(model, "input_size", None),
+    }
+
+
+def annotation_items(layers: list[Any], image: Image, point_box: int) -> list[tuple[str, tuple, tuple]]:
+    """``(class, low, high)`` boxes in the image's index space from Shapes and Points layers.
+
+    The class of an item is its ``class`` feature when the layer has one, else the layer's name. A point
+    becomes a ``point_box``-sided square around it, on its slice.
+    """
+    items = []
+    nd = image.ndim
+    for layer in layers:
+        feats = layer.features
+        names = list(feats["class"]) if "class" in getattr(feats, "columns", []) else None
+        if isinstance(layer, Shapes):
+            shapes = layer.data
+        else:
+            shapes = [np.asarray(p)[None] for p in layer.data]
+        for i, verts in enumerate(shapes):
+            world = np.array([layer.data_to_world(v) for v in np.asarray(verts)])
+            idx = np.array([image.world_to_data(w) for w in world])[:, -nd:]
+            low = np.floor(idx.min(axis=0)).astype(int)
+            high = np.ceil(idx.max(axis=0)).astype(int) + 1
+            if isinstance(layer, Points):
+                half = point_box // 2
+                low[-2:] -= half
+                high[-2:] = low[-2:] + point_box
+            if nd == 3:  # one slice thick
+                z = int(round(idx[:, 0].mean()))
+                low[0], high[0] = z, z + 1
+            name = str(names[i]) if names is not None else layer.name
+            items.append((name, tuple(int(v) for v in low), tuple(int(v) for v in high)))
+    return items
+
+
+class _CloseWatcher(QObject):
+    """Calls ``callback`` when the watched window closes (napari's main window)."""
+
+    def __init__(self, callback: Any) -> None:
+        super().__init__()
+        self.callback = callback
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt override)
+        if event.type() == QEvent.Type.Close:
+            self.callback()
+        return False
+
+
+class FinetuneWidget(QWidget):
+    """Dock: annotations + Start/Stop, a live curve, an ETA, autosave and restore of painted labels."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.proc: TrainingProcess | None = None
+        self.best_path: str | None = None
+        self.events: list[dict] = []
+        self._t_first: tuple[float, int] | None = None
+        self._dirty: set[str] = set()
+        self._hooked: set[int] = set()
+
+        self.model_label = QLabel()
+        self.model_label.setWordWrap(True)
+        self.image_combo = LayerCombo(napari_viewer, Image)
+        self.ann_combo = LayerCombo(
+            napari_viewer, (Labels, Shapes, Points), exclude=lambda ly: is_overlay(ly) or is_prediction(ly)
+        )
+        self.new_labels_btn = QPushButton("New labels layer")
+        self.help_label = QLabel()
+        self.help_label.setWordWrap(True)
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 1_000_000)
+        self.steps.setValue(200)
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 256)
+        self.batch.setValue(8)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(5)
+        self.lr.setRange(1e-5, 1.0)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setValue(1e-3)
+        self.val_every = QSpinBox()
+        self.val_every.setRange(1, 100_000)
+        self.val_every.setValue(25)
+        self.point_box = QSpinBox()
+        self.point_box.setRange(8, 4096)
+        self.point_box.setValue(128)
+        self.hold_out = QCheckBox(f"hold out 25% for validation (≥ {MIN_HELD_OUT} annotated slices/items)")
+        self.hold_out.setChecked(True)
+        self.start_btn = QPushButton("Start")
+        self.stop_btn = QPushButton("Stop")
+        self.stop_btn.setEnabled(False)
+        self.use_best_btn = QPushButton("Use best checkpoint")
+        self.use_best_btn.setEnabled(False)
+        self.plot = CurvePlot(("loss", "val"))
+        self.status_label = QLabel("idle")
+        self.status_label.setWordWrap(True)
+        self.autosave_combo = QComboBox()
+        self.restore_btn = QPushButton("Restore")
+
+        form = QFormLayout()
+        form.addRow("Model", self.model_label)
+        form.addRow("Image", self.image_combo)
+        ann_row = QHBoxLayout()
+        ann_row.addWidget(self.ann_combo, 1)
+        ann_row.addWidget(self.new_labels_btn)
+        form.addRow("Annotations", ann_row)
+        form.addRow(self.help_label)
+        form.addRow("Steps", self.steps)
+        form.addRow("Batch size", self.batch)
+        form.addRow("Learning rate", self.lr)
+        form.addRow("Validate every", self.val_every)
+        form.addRow("Point box (px)", self.point_box)
+        form.addRow(self.hold_out)
+        buttons = QHBoxLayout()
+        for b in (self.start_btn, self.stop_btn, self.use_best_btn):
+            buttons.addWidget(b)
+        restore_row = QHBoxLayout()
+        restore_row.addWidget(self.autosave_combo, 1)
+        restore_row.addWidget(self.restore_btn)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.plot)
+        layout.addWidget(self.status_label)
+        layout.addWidget(QLabel("Autosaved labels"))
+        layout.addLayout(restore_row)
+
+        self.timer = QTimer(self)
+        self.timer.setInterval(100)
+        self.timer.timeout.connect(self.poll)
+        self.autosave_timer = QTimer(self)
+        self.autosave_timer.setSingleShot(True)
+        self.autosave_timer.setInterval(1500)
+        self.autosave_timer.timeout.connect(self.autosave_now)
+
+        self.start_btn.clicked.connect(self.start)
+        self.stop_btn.clicked.connect(self.stop)
+        self.use_best_btn.clicked.connect(self.use_best)
+        self.new_labels_btn.clicked.connect(self.new_labels_layer)
+        self.restore_btn.clicked.connect(self.restore_selected)
+        self.session.model_changed.connect(self._on_model_changed)
+        napari_viewer.layers.events.inserted.connect(self._hook_layers)
+        self._hook_layers()
+        self._on_model_changed(self.session.model)
+        self._close_watcher = _CloseWatcher(self.shutdown)
+        self._watched: list[Any] = []
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.shutdown)
+        self.refresh_autosaves(notify=True)
+
+    # -- model and annotations ----------------------------------------------------------------------------------
+    def _on_model_changed(self, choice: Any) -> None:
+        if choice is None:
+            self.model_label.setText("<i>pick a model in the Model dock</i>")
+            self.help_label.setText("")
+            return
+        self.model_label.setText(f"{choice.label or choice.source} (device {choice.device})")
+        try:
+            facts = model_facts(choice.source)
+        except Exception as err:  # the Model dock reports load errors; keep the help generic here
+            self.help_label.setText(f"cannot read the model: {err}")
+            return
+        names = facts["class_names"]
+        if facts["task"] == "segment":
+            mapping = ", ".join(f"{i + 1} = {n}" for i, n in enumerate(names))
+            self.help_label.setText(f"Paint a Labels layer on any slices. 0 = unlabelled; {mapping}.")
+        elif facts["task"] == "classify":
+            self.help_label.setText(
+                "Draw boxes (Shapes) or Points; name each by class with a 'class' feature or the layer's name "
+                f"({', '.join(names)})."
+            )
+        else:
+            self.help_label.setText(
+                "A pretrained model: a new head is trained. Paint labels (1 = first class) or draw named boxes."
+            )
+
+    def new_labels_layer(self) -> Labels | None:
+        """Add an empty Labels layer on the selected image's grid, for painting."""
+        image = self.image_combo.layer()
+        if image is None:
+            show_warning("Open an image first")
+            return None
+        shape = image.data.shape[: image.ndim]
+        layer = self.viewer.add_labels(
+            np.zeros(shape, dtype=np.uint8),
+            name=f"{image.name} annotations",
+            scale=image.scale,
+            translate=image.translate,
+        )
+        layer.selected_label = 1
+        layer.mode = "paint"
+        self.ann_combo.setCurrentText(layer.name)
+        return layer
+
+    def gather(self, facts: dict[str, Any]) -> dict[str, Any]:
+        """Training arrays and config fields from the chosen image and annotations (GUI thread, cheap)."""
+        image = self.image_combo.layer()
+        ann = self.ann_combo.layer()
+        if image is None:
+            raise ValueError("no image layer: open an image")
+        if ann is None:
+            raise ValueError("no annotations: paint a Labels layer, or draw Shapes/Points named by class")
+        data = np.asarray(image.data)
+        if isinstance(ann, Labels):
+            samples = segmentation_samples(data, np.asarray(ann.data), facts["spatial_dims"], rgb=image.rgb)
+            k = max(facts["num_classes"] if facts["task"] == "segment" else 0, max(samples["values"]))
+            samples["label_map"] = {v + 1: v for v in range(k)}
+            samples.update(task="segment", num_classes=k, class_names=None)
+        else:
+            layers = [ly for ly in self.viewer.layers if isinstance(ly, Shapes | Points) and len(ly.data)]
+            items = annotation_items(layers, image, self.point_box.value())
+            known = facts["class_names"] if facts["task"] == "classify" else None
+            samples = classification_samples(data, items, known, rgb=image.rgb)
+            samples.update(task="classify", num_classes=len(samples["class_names"]))
+        return samples
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def start(self) -> TrainingProcess | None:
+        """Start fine-tuning in a separate process; return it (``None`` when the input is not usable)."""
+        if self.proc is not None and self.proc.is_alive():
+            show_info("Fine-tuning is already running")
+            return None
+        choice = self.session.model
+        try:
+            if choice is None:
+                raise ValueError("no model: pick a zoo model or a checkpoint in the Model dock")
+            facts = model_facts(choice.source)
+            samples = self.gather(facts)
+            self.autosave_now()
+            n = len(samples["images"])
+            held_out = self.hold_out.isChecked() and n >= MIN_HELD_OUT
+            steps = self.steps.value()
+            out_dir = new_run_dir(choice.source)
+            config = dict(
+                model=choice.source,
+                task=samples["task"],
+                out_dir=str(out_dir),
+                max_steps=steps,
+                batch_size=self.batch.value(),
+                lr=self.lr.value(),
+                warmup_steps=min(50, max(1, steps // 10)),
+                val_every=min(self.val_every.value(), steps),
+                val_fraction=0.25 if held_out else 0.0,
+                num_classes=samples["num_classes"],
+                device=choice.device,
+                resume=False,
+            )
+            if samples["task"] == "segment":
+                config.update(ignore_index=0, label_map=samples["label_map"])
+            proc = TrainingProcess(
+                TARGET,
+                dict(
+                    images=samples["images"],
+                    labels=samples["labels"],
+                    config=config,
+                    class_names=samples.get("class_names"),
+                    ids=samples["ids"],
+                    validate_on_train=not held_out,
+                ),
+            )
+            proc.start()
+        except Exception as err:
+            report_error(err, "Cannot start fine-tuning")
+            return None
+        self.proc = proc
+        self.run_dir = out_dir
+        self.best_path = None
+        self.events = []
+        self._t_first = None
+        self._val_name = "val"
+        self.plot.clear()
+        self.start_btn.setEnabled(False)
+        self.stop_btn.setEnabled(True)
+        self.use_best_btn.setEnabled(False)
+        where = "held-out 25%" if held_out else "the annotations themselves"
+        self.status_label.setText(f"starting: {n} annotated case(s), validation on {where}…")
+        self.timer.start()
+        return proc
+
+    def stop(self) -> float:
+        """Stop training (the process tree ends within 2 s); return the seconds it took."""
+        if self.proc is None:
+            return 0.0
+        took = self.proc.stop(2.0)
+        self.poll()
+        return took
+
+    def poll(self) -> None:
+        """Move the training process's new events into the plot and the status line (GUI timer)."""
+        if self.proc is None:
+            return
+        for ev in self.proc.poll():
+            self.events.append(ev)
+            self._handle(ev)
+
+    def _handle(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "step":
+            self.plot.add_point("loss", ev["step"], ev["loss"])
+            now = time.perf_counter()
+            if self._t_first is None:
+                self._t_first = (now, ev["step"])
+            t0, s0 = self._t_first
+            done, total = ev["step"], ev["total_steps"]
+            eta = ""
+            if done > s0:
+                eta = f" · ETA {_fmt_seconds((total - done) * (now - t0) / (done - s0))}"
+            self.status_label.setText(f"step {done}/{total} · loss {ev['loss']:.4f}{eta}")
+        elif kind == "val":
+            metrics = ev.get("metrics") or {}
+            name = next((m for m in VAL_METRICS if m in metrics), None)
+            if name is not None:
+                self._val_name = name
+                self.plot.add_point("val", ev["step"], metrics[name])
+        elif kind == "checkpoint" and ev.get("best"):
+            self.best_path = ev["path"]
+            self.use_best_btn.setEnabled(True)
+        elif kind == "done":
+            self._finish()
+            self.best_path = ev.get("best_path") or self.best_path
+            metrics = ev.get("metrics") or {}
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in VAL_METRICS)
+            self.status_label.setText(f"done at step {ev.get('step')} · best {shown or 'n/a'}")
+            if self.best_path:
+                self.session.checkpoint_ready.emit(self.best_path)
+        elif kind == "error":
+            self._finish()
+            self.status_label.setText(f"failed: {ev.get('message')}")
+            report_error(RuntimeError(ev.get("message", "unknown error")), "Fine-tuning failed")
+        elif kind == "stopped":
+            self._finish()
+            self.status_label.setText("stopped" + (" · best checkpoint kept" if self.best_path else ""))
+
+    def _finish(self) -> None:
+        self.timer.stop()
+        self.start_btn.setEnabled(True)
+        self.stop_btn.setEnabled(False)
+        self.use_best_btn.setEnabled(bool(self.best_path))
+
+    def use_best(self) -> None:
+        """Send the best checkpoint so far to the Model dock."""
+        if self.best_path and Path(self.best_path).is_file():
+            self.session.checkpoint_ready.emit(self.best_path)
+
+    # -- autosave -------------------------------------------------------------------------------------------------
+    def _hook_layers(self, *_: Any) -> None:
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels) and id(layer) not in self._hooked:
+                self._hooked.add(id(layer))
+                layer.events.paint.connect(lambda _ev, name=layer.name: self._mark_dirty(name))
+
+    def _mark_dirty(self, name: str) -> None:
+        self._dirty.add(name)
+        self.autosave_timer.start()
+
+    def autosave_now(self) -> list[Path]:
+        """Write every painted-on Labels layer (and the chosen annotations) to the autosave folder."""
+        names = set(self._dirty)
+        ann = self.ann_combo.layer()
+        if isinstance(ann, Labels):
+            names.add(ann.name)
+        image = self.image_combo.layer()
+        out = []
+        for name in names:
+            if name not in self.viewer.layers:
+                continue
+            layer = self.viewer.layers[name]
+            try:
+                out.append(
+                    autosave.save_labels(
+                        np.asarray(layer.data),
+                        image.name if image is not None else "",
+                        layer.name,
+                        tuple(layer.scale),
+                        tuple(layer.translate),
+                    )
+                )
+            except OSError as err:
+                report_error(err, "Cannot autosave labels")
+        self._dirty.clear()
+        return out
+
+    def refresh_autosaves(self, notify: bool = False) -> None:
+        """List the autosaves (those from crashed sessions first)."""
+        try:
+            entries = autosave.list_autosaves()
+        except OSError as err:
+            report_error(err, "Cannot read the autosave folder")
+            entries = []
+        entries.sort(key=lambda a: not a.crashed)
+        self._autosaves = entries
+        self.autosave_combo.clear()
+        for entry in entries:
+            self.autosave_combo.addItem(("⚠ crash: " if entry.crashed else "") + entry.describe())
+        crashed = [e for e in entries if e.crashed]
+        if notify and crashed:
+            show_info(
+                f"{len(crashed)} labels layer(s) were autosaved by a session that did not close cleanly; "
+                "restore them from the Fine-tune dock"
+            )
+
+    def restore_selected(self) -> Labels | None:
+        """Add the selected autosave back as a Labels layer."""
+        i = self.autosave_combo.currentIndex()
+        if not 0 <= i < len(getattr(self, "_autosaves", [])):
+            show_info("No autosaved labels to restore")
+            return None
+        try:
+            data, header = autosave.load_autosave(self._autosaves[i].path)
+        except (OSError, ValueError) as err:
+            report_error(err, "Cannot restore the autosave")
+            return None
+        kwargs = {k: header[k] for k in ("scale", "translate") if header.get(k)}
+        return self.viewer.add_labels(data, name=f"{header.get('layer', 'labels')} (restored)", **kwargs)
+
+    # -- shutdown -------------------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop training and mark autosaves clean (the viewer is closing)."""
+        try:
+            self.timer.stop()
+        except RuntimeError:  # the Qt side is already gone (application quitting)
+            pass
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.stop(2.0)
+        if self._dirty:
+            self.autosave_now()
+        try:
+            autosave.mark_clean()
+        except OSError:
+            pass
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt override)
+        """Watch the window this dock lives in: closing napari stops training."""
+        window = self.window()
+        if window is not None and window is not self and window not in self._watched:
+            window.installEventFilter(self._close_watcher)
+            self._watched.append(window)
+        super().showEvent(event)
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt override)
+        self.shutdown()
+        super().closeEvent(event)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0.0, float(s))
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"

@@ -1,0 +1,299 @@
+"""The Attention & masking dock: what a self-supervised model looks at and how it masks, over the image.
+
+For the selected image (2D, or the slice on screen): DINO's per-head attention (additive image layers) and
+mass-threshold masks (Labels); MSMAE's weight map and mask / throw / keep pattern; MAE's random mask and
+reconstruction; MiM's nested 3D masks on the whole volume. The dock gathers the parameters, calls
+:mod:`napari_medssl.overlays` in a thread worker and adds the returned layers, which keep the image's scale and
+translate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_info
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_medssl import overlays
+from napari_medssl._widgets._common import LayerCombo, add_overlay, current_plane, report_error
+from napari_medssl._widgets._session import get_session
+from napari_medssl._widgets.model_widget import CHECKPOINT_ITEM, load_model, zoo_entries
+
+METHODS = ("DINO attention", "MSMAE masking", "MAE reconstruction", "MiM nested masks")
+MODEL_DOCK_ITEM = "Model dock's model"
+
+
+def method_for(model: Any) -> str:
+    """The overlay that fits a model: MSMAE, MAE, MiM or DINO-style attention (any ViT)."""
+    name = str(getattr(model, "config", {}).get("name", "")).lower()
+    if hasattr(model, "masking_pattern"):
+        return "MSMAE masking"
+    if name.startswith("mim") or hasattr(model, "nested_masks"):
+        return "MiM nested masks"
+    if hasattr(model, "reconstruct") and not name.startswith("miram"):
+        return "MAE reconstruction"
+    return "DINO attention"
+
+
+def compute_overlays(method: str, model: Any, plane: Any, volume: Any, params: dict[str, Any]) -> list[Any]:
+    """Dispatch to :mod:`napari_medssl.overlays` (worker thread)."""
+    device = params.get("device", "cpu")
+    if method == "DINO attention":
+        head = params.get("head")
+        return overlays.dino_overlays(
+            model,
+            plane,
+            threshold=params["threshold"],
+            head=None if head is None or head < 0 else head,
+            device=device,
+        )
+    if method == "MSMAE masking":
+        return overlays.msmae_overlays(model, plane, seed=params["seed"], device=device)
+    if method == "MAE reconstruction":
+        return overlays.mae_overlays(
+            model, plane, mask_ratio=params["mask_ratio"], seed=params["seed"], device=device
+        )
+    if method == "MiM nested masks":
+        return overlays.mim_overlays(
+            volume["shape"],
+            params["ratios"],
+            params["seed"],
+            volume["scale"],
+            volume["translate"],
+            model=model,
+        )
+    raise ValueError(f"unknown overlay {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """``"0.5, 0.6, 0.5"`` → ``(0.5, 0.6, 0.5)``.
+
+    Raises:
+        ValueError: not a comma-separated list of numbers in (0, 1).
+    """
+    try:
+        ratios = tuple(float(t) for t in text.replace(";", ",").split(",") if t.strip())
+    except ValueError:
+        raise ValueError(
+            f"ratios must be numbers separated by commas, e.g. '0.5, 0.6, 0.5'; got {text!r}"
+        ) from None
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise ValueError(f"each ratio must be in (0, 1), got {text!r}")
+    return ratios
+
+
+class OverlayWidget(QWidget):
+    """Dock: pick a self-supervised model, a method and its parameters; Show adds the overlay layers."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self._models: dict[tuple, Any] = {}
+        self._worker: Any = None
+        self.last_layers: list[Any] = []
+
+        self.model_combo = QComboBox()
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("path to a .safetensors checkpoint")
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(METHODS)
+        self.image_combo = LayerCombo(napari_viewer, Image)
+        self.head = QSpinBox()
+        self.head.setRange(-1, 63)
+        self.head.setValue(-1)
+        self.head.setSpecialValueText("all heads")
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.01, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(0.6)
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.mask_ratio = QDoubleSpinBox()
+        self.mask_ratio.setRange(0.0, 0.99)
+        self.mask_ratio.setSingleStep(0.05)
+        self.mask_ratio.setValue(0.75)
+        self.ratios = QLineEdit("0.5, 0.6, 0.5")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.follow = QCheckBox("update when the slice changes")
+        self.show_btn = QPushButton("Show")
+        self.status_label = QLabel()
+        self.status_label.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Model", self.model_combo)
+        form.addRow("Checkpoint", self.path_edit)
+        form.addRow("Overlay", self.method_combo)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Head", self.head)
+        form.addRow("Mass threshold", self.threshold)
+        form.addRow("Seed", self.seed)
+        form.addRow("Mask ratio", self.mask_ratio)
+        form.addRow("MiM ratios", self.ratios)
+        form.addRow("Device", self.device_combo)
+        form.addRow(self.follow)
+        row = QHBoxLayout()
+        row.addWidget(self.show_btn)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(row)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(250)
+        self._debounce.timeout.connect(self.show_overlays)
+        self.show_btn.clicked.connect(self.show_overlays)
+        self.model_combo.currentTextChanged.connect(self._on_model_changed)
+        self.path_edit.editingFinished.connect(self._on_model_changed)
+        self.method_combo.currentTextChanged.connect(self._update_enabled)
+        napari_viewer.dims.events.current_step.connect(self._on_step)
+        self.refresh_models()
+
+    # -- choices --------------------------------------------------------------------------------------------------
+    def refresh_models(self) -> None:
+        """List the zoo's self-supervised (ViT-based) models first, then the other entries."""
+        try:
+            names = zoo_entries()
+        except Exception as err:
+            report_error(err, "Cannot list the model zoo")
+            names = []
+        ssl = [n for n in names if n.split("_")[0] in ("dino", "mae", "msmae", "miram", "mim", "vit")]
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItems([*ssl, MODEL_DOCK_ITEM, CHECKPOINT_ITEM])
+        self.model_combo.blockSignals(False)
+        self._on_model_changed()
+
+    def select(self, source: str) -> None:
+        """Choose a zoo model by name or a checkpoint by path."""
+        if self.model_combo.findText(source) >= 0:
+            self.model_combo.setCurrentText(source)
+        else:
+            self.path_edit.setText(str(source))
+            self.model_combo.setCurrentText(CHECKPOINT_ITEM)
+        self._on_model_changed()
+
+    def source(self) -> str:
+        """The chosen zoo name or checkpoint path ('' when none)."""
+        item = self.model_combo.currentText()
+        if item == CHECKPOINT_ITEM:
+            return self.path_edit.text().strip()
+        if item == MODEL_DOCK_ITEM:
+            return self.session.model.source if self.session.model is not None else ""
+        return item
+
+    def model(self) -> Any:
+        """The chosen model, loaded once per (source, device, file time)."""
+        src = self.source()
+        if not src:
+            raise ValueError("no model chosen: pick a zoo model, the Model dock's model or a checkpoint file")
+        stamp = Path(src).stat().st_mtime if Path(src).is_file() else 0
+        key = (src, self.device_combo.currentText(), stamp)
+        if key not in self._models:
+            self._models[key] = load_model(src, self.device_combo.currentText())
+        return self._models[key]
+
+    def _on_model_changed(self, *_: Any) -> None:
+        self.path_edit.setEnabled(self.model_combo.currentText() == CHECKPOINT_ITEM)
+        src = self.source()
+        if not src or (self.model_combo.currentText() == CHECKPOINT_ITEM and not Path(src).is_file()):
+            return
+        try:
+            self.method_combo.setCurrentText(method_for(self.model()))
+        except Exception as err:
+            report_error(err, f"Cannot load {src}")
+        self._update_enabled()
+
+    def _update_enabled(self, *_: Any) -> None:
+        method = self.method_combo.currentText()
+        self.head.setEnabled(method == "DINO attention")
+        self.threshold.setEnabled(method == "DINO attention")
+        self.mask_ratio.setEnabled(method == "MAE reconstruction")
+        self.ratios.setEnabled(method == "MiM nested masks")
+        self.seed.setEnabled(method != "DINO attention")
+
+    def params(self) -> dict[str, Any]:
+        """The parameters as plain values."""
+        from napari_medssl.inference import pick_device
+
+        return {
+            "threshold": float(self.threshold.value()),
+            "head": int(self.head.value()),
+            "seed": int(self.seed.value()),
+            "mask_ratio": float(self.mask_ratio.value()),
+            "ratios": parse_ratios(self.ratios.text()),
+            "device": pick_device(self.device_combo.currentText()),
+        }
+
+    # -- running --------------------------------------------------------------------------------------------------
+    def _on_step(self, *_: Any) -> None:
+        if self.follow.isChecked() and self.method_combo.currentText() != "MiM nested masks":
+            self._debounce.start()
+
+    def show_overlays(self) -> Any:
+        """Compute the chosen overlay in a worker thread and add its layers; return the worker."""
+        if self._worker is not None:
+            self._debounce.start()  # try again when the running one is done
+            return None
+        try:
+            layer = self.image_combo.layer()
+            if layer is None:
+                raise ValueError("no image layer: open an image first")
+            method = self.method_combo.currentText()
+            model = self.model()
+            params = self.params()
+            plane = volume = None
+            if method == "MiM nested masks":
+                if layer.ndim != 3 or layer.rgb:
+                    raise ValueError(f"MiM's nested masks are 3D: {layer.name!r} is not a volume")
+                volume = {
+                    "shape": layer.data.shape,
+                    "scale": tuple(layer.scale),
+                    "translate": tuple(layer.translate),
+                }
+            else:
+                plane = current_plane(self.viewer, layer)
+        except Exception as err:
+            report_error(err, "Cannot compute the overlay")
+            return None
+        self.status_label.setText(f"computing {method}…")
+        worker = create_worker(compute_overlays, method, model, plane, volume, params)
+        worker.returned.connect(self._add)
+        worker.errored.connect(lambda err: report_error(err, f"{method} failed"))
+        worker.errored.connect(lambda err: self.status_label.setText(f"failed: {err}"))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def _on_finished(self) -> None:
+        self._worker = None
+
+    def _add(self, result: list[Any]) -> None:
+        self.last_layers = [add_overlay(self.viewer, ov) for ov in result]
+        image = self.image_combo.layer()
+        if image is not None:  # keep the image selected, so the next run uses it again
+            self.viewer.layers.selection.active = image
+        summary = ", ".join(ov.name for ov in result)
+        self.status_label.setText(f"added: {summary}")
+        if not result:
+            show_info("The overlay produced no layers")

@@ -1,0 +1,456 @@
+"""The ``medssl`` command line: pretrain, finetune, evaluate, predict, and list models.
+
+Every subcommand is a thin consumer of the library (:func:`napari_medssl.engine.train`,
+:func:`~napari_medssl.engine.evaluate.evaluate`, :mod:`napari_medssl.inference`). User errors (a bad value, a
+missing file, a pickle checkpoint) print one line to stderr and exit with status 1 (2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DESCRIPTION = """\
+Self-supervised medical-image models: pretrain, fine-tune, evaluate and predict.
+
+MODEL is a registered architecture (unet_tiny, mae_tiny ...; see `medssl models`), a zoo model (see
+`medssl zoo`) or a .safetensors checkpoint written by a training run (run_dir/best.safetensors; a run folder
+works too). DATA is an MSD-layout folder (imagesTr/, labelsTr/), a mini-MIAS folder (PNG + labels.csv),
+a PNG/TIFF folder with labels.csv (image,label) or masks/, a DICOM folder, or a MedMNIST .npz.
+
+examples:
+  medssl finetune --model unet_tiny --data ../shared/data/hippocampus --task segment --out runs/unet_hippo
+  medssl pretrain --model mae_tiny --data ../shared/data/mammography_mias --out runs/mae_mias --max-steps 2000
+  medssl finetune --model runs/mae_mias/best.safetensors --data ../shared/data/mammography_mias \\
+      --task classify --out runs/mae_mias_cls
+  medssl evaluate --model runs/unet_hippo/best.safetensors --data ../shared/data/hippocampus --split val \\
+      --out metrics.json
+  medssl predict --model runs/unet_hippo/best.safetensors --input hippocampus_001.nii.gz --output labels.nii.gz
+  torchrun --nproc_per_node=2 -m napari_medssl.engine.cli finetune ...   (DDP: one process per GPU/CPU share)
+"""
+
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _model_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--model", required=True, metavar="NAME|CKPT", help=help_text)
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        metavar="DIR",
+        help="data folder or .npz (repeat --data to train on several)",
+    )
+    g.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoints, split, events)")
+    g.add_argument("--max-steps", type=int, default=1000, help="optimiser steps (default 1000)")
+    g.add_argument("--batch-size", type=int, default=8, help="samples per step and process (default 8)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    g.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default 50)")
+    g.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
+    g.add_argument(
+        "--seed", type=int, default=0, help="seeds split, sampling, augmentation, init (default 0)"
+    )
+    g.add_argument(
+        "--val-every", type=int, default=200, help="validate + checkpoint every N steps (default 200)"
+    )
+    g.add_argument(
+        "--val-fraction", type=float, default=0.2, help="groups held out for validation (default 0.2)"
+    )
+    g.add_argument("--split-file", metavar="JSON", help="reuse another run's split.json")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default 0)")
+    g.add_argument(
+        "--slice-axis",
+        type=int,
+        default=0,
+        choices=(0, 1, 2),
+        help="axis 2D models slice volumes along (0 = Z)",
+    )
+    g.add_argument(
+        "--patch-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="sample size (Y X or Z Y X) when the model has none",
+    )
+    g.add_argument(
+        "--no-augment", action="store_true", help="turn off flips, affine and intensity augmentation"
+    )
+    g.add_argument(
+        "--flip-axes",
+        type=int,
+        nargs="*",
+        default=[-1],
+        metavar="AXIS",
+        help="axes that may be flipped, counted from the end (default -1 = X); none to disable",
+    )
+    g.add_argument(
+        "--best-metric", help="metric that picks best.safetensors (mean_dice, auc, val_loss, last ...)"
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option, JSON value: --set spatial_dims=3 --set drop_path_rate=0.1",
+    )
+    g.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medssl`` argument parser."""
+    parser = _Parser(
+        prog="medssl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised pretraining (MAE, DINO, MSMAE, MIRAM, MiM)",
+        description="Pretrain with the model's own objective; labels are ignored (MSMAE uses "
+        "class labels when the data have them). Example:\n  medssl pretrain --model mae_tiny "
+        "--data ../shared/data/mammography_mias --out runs/mae",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_arg(p, "architecture, zoo model or checkpoint to continue from")
+    _training_args(p)
+    p.add_argument("--num-classes", type=int, default=0, help="classes for a supervised term (MSMAE)")
+
+    p = sub.add_parser(
+        "finetune",
+        help="train a classifier or segmenter (from scratch or a checkpoint)",
+        description="Fine-tune for classification or segmentation. Weights of a checkpoint that "
+        "fit are kept; a head of another size starts fresh. Example:\n  medssl finetune --model "
+        "unet_tiny --data ../shared/data/hippocampus --task segment --out runs/unet",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_arg(p, "architecture, zoo model or checkpoint to start from")
+    p.add_argument("--task", required=True, choices=("classify", "segment"), help="what to train for")
+    _training_args(p)
+    p.add_argument("--num-classes", type=int, default=0, help="classes (default: from the data)")
+    p.add_argument("--ignore-index", type=int, help="label value meaning unlabelled (painted labels: 0)")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics of a model on a data folder",
+        description="Segmentation: per-label Dice and IoU, mean_dice, mean_iou (per case, "
+        "averaged). Classification: accuracy, balanced_accuracy, auc. Example:\n  medssl evaluate "
+        "--model runs/unet/best.safetensors --data ../shared/data/hippocampus --split val --out m.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_arg(p, "zoo model or checkpoint")
+    p.add_argument("--data", required=True, metavar="DIR", help="data folder or .npz")
+    p.add_argument("--out", required=True, metavar="JSON", help="where to write the metrics")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=("all", "val"),
+        help="all cases, or the validation split saved with the checkpoint's run",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-size", type=int, default=8, help="slices/windows/images per forward pass")
+
+    p = sub.add_parser(
+        "predict",
+        help="segment or classify files",
+        description="Segmenters write labels on the input's grid (NIfTI for volumes; .png/.tif "
+        "for 2D images when --output says so); classifiers write class probabilities as JSON. "
+        "Example:\n  medssl predict --model runs/unet/best.safetensors --input case.nii.gz "
+        "--output labels.nii.gz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_arg(p, "zoo model or checkpoint")
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE|DIR",
+        help="a NIfTI/PNG/TIFF file, a DICOM series folder, or a folder of NIfTI/PNG/TIFF files",
+    )
+    p.add_argument(
+        "--output", required=True, metavar="PATH", help="labels file, folder (several inputs) or .json"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-size", type=int, default=8, help="slices/windows per forward pass")
+    p.add_argument(
+        "--slice-axis", type=int, choices=(0, 1, 2), help="axis 2D models slice along (default: as trained)"
+    )
+
+    sub.add_parser(
+        "zoo", help="list the zoo's trained models", description="List the models in the zoo folders."
+    )
+    sub.add_parser(
+        "models", help="list registered architectures", description="List registered architectures."
+    )
+    return parser
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``pretrain`` / ``finetune``: run the training generator with a progress bar."""
+    from tqdm import tqdm
+
+    from napari_medssl.engine.config import TrainConfig
+    from napari_medssl.engine.loop import train
+
+    config = TrainConfig(
+        model=args.model,
+        task="pretrain" if args.command == "pretrain" else args.task,
+        data=args.data if len(args.data) > 1 else args.data[0],
+        out_dir=args.out,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        device=args.device,
+        seed=args.seed,
+        val_every=args.val_every,
+        val_fraction=args.val_fraction,
+        split_file=args.split_file,
+        num_workers=args.num_workers,
+        num_classes=args.num_classes,
+        ignore_index=getattr(args, "ignore_index", None),
+        augment=not args.no_augment,
+        flip_axes=tuple(args.flip_axes),
+        slice_axis=args.slice_axis,
+        patch_size=tuple(args.patch_size) if args.patch_size else None,
+        model_overrides=_overrides(args.set),
+        best_metric=args.best_metric,
+        resume=not args.no_resume,
+    )
+    show = _rank0()
+    bar = None
+    try:
+        for event in train(config):
+            kind = event["event"]
+            if bar is None:  # created on the first event, so set-up errors print alone
+                bar = tqdm(
+                    total=config.max_steps,
+                    desc=args.command,
+                    unit="step",
+                    disable=not show,
+                    dynamic_ncols=True,
+                )
+            if kind == "step":
+                bar.n = event["step"]
+                bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", refresh=False)
+                bar.refresh()
+            elif kind == "val" and show:
+                shown = {k: round(v, 4) for k, v in event["metrics"].items() if isinstance(v, float)}
+                bar.write(f"step {event['step']}: {shown}")
+            elif kind == "done" and show:
+                bar.close()
+                print(f"best checkpoint: {event['best_path']}")
+                print(json.dumps(event["metrics"], indent=1))
+    finally:
+        if bar is not None:
+            bar.close()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``evaluate``: write metrics JSON."""
+    from tqdm import tqdm
+
+    from napari_medssl.engine.evaluate import evaluate
+
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise IsADirectoryError(f"--out must be a file name (metrics.json), not the folder {out}")
+    bars: list[Any] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="evaluate", unit="item", dynamic_ncols=True))
+        bars[0].n = done
+        bars[0].refresh()
+
+    try:
+        result = evaluate(
+            args.model,
+            args.data,
+            split=args.split,
+            device=args.device,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["metrics"], indent=1))
+    return 0
+
+
+def _predict_inputs(path: Path) -> list[Path]:
+    from napari_medssl.engine import readers
+
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if path.is_file():
+        return [path]
+    if next(path.rglob("*.dcm"), None) is not None:
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and (readers.is_nifti(p) or readers.is_image(p)))
+    if not files:
+        raise ValueError(f"{path}: no NIfTI, PNG/TIFF or DICOM files to predict")
+    return files
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (
+        ".nii.gz",
+        ".nii",
+        *[s for s in (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".dcm")],
+    ):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``predict``: labels files or a probabilities JSON."""
+    from tqdm import tqdm
+
+    from napari_medssl import inference, zoo
+    from napari_medssl.engine import readers
+    from napari_medssl.engine.build import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.model)
+    if ckpt is None:
+        raise ValueError(
+            f"{args.model!r} is an untrained architecture; predict with a checkpoint or a zoo model"
+        )
+    model = zoo.load(ckpt, device=args.device)
+    if model.task not in ("segment", "classify"):
+        raise ValueError(f"{args.model} is a {model.task!r} model; fine-tune it before predicting")
+    extra = getattr(model, "checkpoint_extra", None) or {}
+    axis = args.slice_axis if args.slice_axis is not None else int(extra.get("slice_axis", 0))
+    inputs = _predict_inputs(Path(args.input))
+    output = Path(args.output)
+    names = extra.get("class_names") or [str(i) for i in range(model.num_classes)]
+    results: dict[str, Any] = {}
+    for path in tqdm(inputs, desc="predict", unit="file", dynamic_ncols=True, disable=len(inputs) < 2):
+        loaded = readers.read_any(path)
+        if model.task == "segment":
+            labels = inference.segment(
+                model, loaded.data, slice_axis=axis, batch_size=args.batch_size, rgb=loaded.rgb
+            )
+            target = output / f"{_stem(path)}.nii.gz" if len(inputs) > 1 or output.is_dir() else output
+            if len(inputs) == 1 and not (readers.is_nifti(target) or readers.is_image(target)):
+                raise ValueError(
+                    f"--output {output}: name a .nii.gz/.nii (or .png/.tif for 2D) file or a folder"
+                )
+            results[path.name] = str(readers.write_labels(labels, loaded, target))
+        else:
+            probs = inference.classify(
+                model, loaded.data, slice_axis=axis, batch_size=args.batch_size, rgb=loaded.rgb
+            )
+            entry: dict[str, Any] = {}
+            if probs.ndim == 2:  # a 2D model on a volume: one row per slice, and their mean
+                entry["per_slice"] = probs.round(6).tolist()
+                probs = probs.mean(0)
+            entry["probabilities"] = {n: round(float(p), 6) for n, p in zip(names, probs)}
+            entry["prediction"] = names[int(probs.argmax())]
+            results[path.name] = entry
+    if model.task == "classify":
+        if output.suffix.lower() != ".json":
+            raise ValueError(f"--output {output}: a classifier writes probabilities to a .json file")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1) if model.task == "classify" else "\n".join(results.values()))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    """``zoo``: one line per zoo model."""
+    from napari_medssl import zoo
+
+    names = zoo.list_zoo()
+    if not names:
+        print(f"no zoo models in {', '.join(str(d) for d in zoo.zoo_dirs())}")
+    for name in names:
+        c = zoo.card(name)
+        metrics = c.get("metrics") or {}
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{name}\t{c.get('task')}\t{shown}\t{c.get('description', '')}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``models``: registered architectures."""
+    from napari_medssl.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+COMMANDS = {
+    "pretrain": cmd_train,
+    "finetune": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "zoo": cmd_zoo,
+    "models": cmd_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medssl`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        sys.stderr.write(f"medssl {args.command}: error: {message}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"medssl {args.command}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

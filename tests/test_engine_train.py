@@ -1,0 +1,171 @@
+"""Training runs on real data: events, checkpoints, exact resume, crash safety, best kept, all tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers_engine import TINY_MAE, TINY_UNET, TINY_VIT, one_thread, small_mias, small_msd  # noqa: F401
+
+from napari_medssl.engine import ArrayData, MSDFolder, TrainConfig, Trainer, read_events, train
+from napari_medssl.engine.checkpoint import RunFolder
+from napari_medssl.models import load_model, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def msd(data_dir, tmp_path_factory):
+    return small_msd(data_dir, tmp_path_factory.mktemp("msd"), n=5)
+
+
+def seg_config(data, out, **kw) -> TrainConfig:
+    base = dict(model="unet_tiny", task="segment", data=str(data), out_dir=str(out), max_steps=4, batch_size=4,
+                val_every=2, warmup_steps=1, model_overrides=dict(TINY_UNET), lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_segmentation_run_events_files_and_checkpoint(msd, tmp_path):
+    events = list(train(seg_config(msd, tmp_path / "run")))
+    kinds = [e["event"] for e in events]
+    assert kinds.count("step") == 4 and kinds.count("val") == 2 and kinds[-1] == "done"
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(np.isfinite(e["loss"]) and e["total_steps"] == 4 for e in steps)
+    val = [e for e in events if e["event"] == "val"][-1]["metrics"]
+    assert {"dice_1", "dice_2", "iou_1", "iou_2", "mean_dice", "mean_iou"} <= set(val)
+    json.dumps(events)  # plain values only: they cross process boundaries
+    run = tmp_path / "run"
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["val"]) == 1 and len(split["train"]) == 4
+    best = events[-1]["best_path"]
+    _, config, extra = read_checkpoint(best)
+    assert config["name"] == "unet_tiny" and extra["task"] == "segment"
+    assert extra["split_val"] == split["val"] and extra["sample_size"] == [64, 48]
+    model = load_model(best)
+    assert model.num_classes == 3
+    assert [e["event"] for e in read_events(run)] == ["start", "val", "val"]
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)[0]
+
+
+def test_resume_continues_exactly(msd, tmp_path):
+    straight = list(train(seg_config(msd, tmp_path / "a")))
+    gen = train(seg_config(msd, tmp_path / "b"))
+    for event in gen:  # stop after the step-2 checkpoint, as if the process were killed
+        if event["event"] == "checkpoint" and event["step"] == 2 and not event["best"]:
+            break
+    gen.close()
+    assert json.loads((tmp_path / "b/last.json").read_text())["step"] == 2
+    resumed = list(train(seg_config(msd, tmp_path / "b")))
+    assert [e["step"] for e in resumed if e["event"] == "step"] == [3, 4]
+    a, b = _weights(straight[-1]["last_path"]), _weights(resumed[-1]["last_path"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    loss_a = [e["loss"] for e in straight if e["event"] == "step"][2:]
+    loss_b = [e["loss"] for e in resumed if e["event"] == "step"]
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+
+
+def test_crash_mid_write_keeps_last_good_checkpoint(msd, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    list(train(seg_config(msd, run, max_steps=2)))
+    good = json.loads((run / "last.json").read_text())
+    # a crash while writing step 4: a half-written temp file and a truncated weights file nobody points to
+    (run / ".step_0000004.safetensors.tmp999").write_bytes(b"\x00" * 100)
+    (run / "step_0000004.safetensors").write_bytes(b"trunc")
+    folder = RunFolder(run)
+    assert folder.read_last()["weights"] == good["weights"]
+    load_model(run / good["weights"])  # the last good checkpoint still loads
+
+    # a crash inside the commit itself: the rename of last.json fails
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("last.json"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        list(train(seg_config(msd, run, max_steps=4)))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert json.loads((run / "last.json").read_text()) == good
+    assert not list(run.glob(".last.json.tmp*"))  # the failed commit left no temp file behind
+    resumed = list(train(seg_config(msd, run, max_steps=4)))  # resumes from step 2 and cleans up
+    assert [e["step"] for e in resumed if e["event"] == "step"] == [3, 4]
+    assert not (run / "step_0000002.safetensors").exists() and (run / "step_0000004.safetensors").exists()
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+    load_model(run / "step_0000004.safetensors")
+
+
+def test_best_checkpoint_follows_the_validation_metric(msd, tmp_path):
+    events = list(train(seg_config(msd, tmp_path / "run", max_steps=6, val_every=2, lr=1e-2)))
+    vals = [e for e in events if e["event"] == "val"]
+    bests = [e["step"] for e in events if e["event"] == "checkpoint" and e["best"]]
+    running, expected = -1.0, []
+    for v in vals:
+        if v["metrics"]["mean_dice"] > running:
+            running = v["metrics"]["mean_dice"]
+            expected.append(v["step"])
+    assert bests == expected
+    _, _, extra = read_checkpoint(tmp_path / "run/best.safetensors")
+    assert extra["metrics"]["mean_dice"] == pytest.approx(running)
+    assert events[-1]["metrics"]["mean_dice"] == pytest.approx(running)
+
+
+def test_painted_labels_train_with_ignore_index(data_dir, tmp_path):
+    img, lab = MSDFolder(small_msd(data_dir, tmp_path / "msd", n=2)).cases()[0].load()
+    painted = np.zeros_like(lab)
+    for z in (8, 12, 16):  # a clinician painted three slices: 1 background, 2 and 3 hippocampus
+        painted[z] = lab[z] + 1
+    data = ArrayData([img[0], img[0]], [painted, painted], ids=["a", "b"])
+    cfg = TrainConfig(model="unet_tiny", task="segment", data=data, out_dir=str(tmp_path / "run"), max_steps=2,
+                      batch_size=2, val_every=2, ignore_index=0, label_map={1: 0, 2: 1, 3: 2},
+                      model_overrides=dict(TINY_UNET), val_fraction=0.5)
+    trainer = Trainer(cfg)
+    events = list(trainer.run())
+    assert len(trainer.train_set) == 3 and trainer.num_classes == 3
+    assert events[-1]["metrics"]["n_cases"] == 1.0
+
+
+def test_classification_and_pretraining_on_mias(data_dir, tmp_path):
+    mias = small_mias(data_dir, tmp_path / "mias", n_women=5)
+    cls = TrainConfig(model="vit_tiny", task="classify", data=str(mias), out_dir=str(tmp_path / "cls"),
+                      max_steps=2, batch_size=4, val_every=2, model_overrides=dict(TINY_VIT))
+    events = list(train(cls))
+    metrics = events[-1]["metrics"]
+    assert {"accuracy", "balanced_accuracy", "auc"} <= set(metrics)
+    split = json.loads((tmp_path / "cls/split.json").read_text())
+    women = {int(i[3:6]) + 1 >> 1 for i in split["val"]}
+    assert all(f"mdb{2 * w - 1:03d}" in split["val"] and f"mdb{2 * w:03d}" in split["val"] for w in women)
+    pre = TrainConfig(model="mae_tiny", task="pretrain", data=str(mias), out_dir=str(tmp_path / "pre"),
+                      max_steps=2, batch_size=4, val_every=2, model_overrides=dict(TINY_MAE))
+    events = list(train(pre))
+    assert "val_loss" in events[-1]["metrics"] and events[-1]["best_path"]
+    fine = TrainConfig(model=events[-1]["best_path"], task="classify", data=str(mias),
+                       out_dir=str(tmp_path / "fine"), max_steps=1, batch_size=4, val_every=1)
+    trainer = Trainer(fine)
+    list(trainer.run())
+    assert trainer.build_info["loaded"] > 0 and any("head" in k for k in trainer.build_info["skipped"])
+
+
+def test_3d_model_trains_on_volumes(msd, tmp_path):
+    cfg = seg_config(msd, tmp_path / "run", max_steps=2, val_every=2, patch_size=(32, 32, 32),
+                     model_overrides={**TINY_UNET, "spatial_dims": 3})
+    trainer = Trainer(cfg)
+    events = list(trainer.run())
+    assert trainer.size == (32, 32, 32) and trainer.train_set[0]["image"].shape == (1, 32, 32, 32)
+    assert "mean_dice" in events[-1]["metrics"]
+
+
+def test_wrong_task_and_bad_model_fail_before_training(msd, tmp_path, data_dir):
+    with pytest.raises(ValueError, match="labelled for 'segment'"):
+        next(train(seg_config(msd, tmp_path / "a", task="classify")))
+    with pytest.raises(ValueError, match="unknown model"):
+        next(train(seg_config(msd, tmp_path / "b", model="no_such_model")))
+    with pytest.raises(ValueError, match="no pretrain_loss"):
+        next(train(seg_config(msd, tmp_path / "c", task="pretrain")))
