@@ -120,7 +120,7 @@ def cost_table(size: str, repeats: int) -> None:
             )
 
 
-def dice_race(size: str, steps: int, batch: int = 32) -> None:
+def dice_race(size: str, steps: int, batch: int = 16) -> None:
     """Train 2D ``unet`` and ``emfformer`` of one tier identically; mean foreground Dice on held-out volumes."""
     cases = [load_case(i) for i in range(60)]
     train, val = cases[:40], cases[40:]
@@ -175,7 +175,9 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", help="size tier: tiny, small or base (families lacking it use tiny)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dice-steps", type=int, default=0, help="also train 2D unet vs emfformer this many steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine sane)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     cost_table(args.size, args.repeats)
     if args.dice_steps:

@@ -41,11 +41,15 @@ def test_kinds_registered():
     assert sorted(ATTENTION_KINDS) == ["linformer", "nystrom", "performer", "sdpa"]
 
 
-@pytest.mark.parametrize("kind", sorted(ATTENTION_KINDS))
+CASES = [(kind, SMALL.get(kind, {})) for kind in sorted(ATTENTION_KINDS)]
+CASES.append(("nystrom", {**SMALL["nystrom"], "conv_kernel": 5}))  # with the paper's depthwise-conv skip
+
+
+@pytest.mark.parametrize(("kind", "options"), CASES)
 @pytest.mark.parametrize("n", [37, 1000])
-def test_shape_and_backward_at_odd_lengths(kind, n):
+def test_shape_and_backward_at_odd_lengths(kind, options, n):
     torch.manual_seed(0)
-    layer = make_attention(kind, 32, 4, **SMALL.get(kind, {}))
+    layer = make_attention(kind, 32, 4, **options)
     x = torch.randn(3, n, 32, requires_grad=True)
     y = layer(x)
     assert y.shape == (3, n, 32)
@@ -99,7 +103,7 @@ def nystrom_reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [1000, 1024, 129])
 def test_fused_nystrom_equals_plain_formula(n, monkeypatch):
-    monkeypatch.setattr(attention, "_CHUNK", 100)  # several blocks, and a ragged last one
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 100 * 16)  # blocks of 100 tokens, a ragged last one
     torch.manual_seed(0)
     layer = make_attention("nystrom", 32, 4, num_landmarks=16).double()
     x = torch.randn(2, n, 32, dtype=torch.float64, requires_grad=True)
@@ -141,7 +145,7 @@ def performer_reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("n", [1000, 37])
 def test_fused_performer_equals_plain_formula(n, monkeypatch):
-    monkeypatch.setattr(attention, "_CHUNK", 100)
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 100 * 24)
     torch.manual_seed(0)
     layer = make_attention("performer", 32, 4, nb_features=24).double()
     x = torch.randn(2, n, 32, dtype=torch.float64, requires_grad=True)
@@ -237,3 +241,14 @@ def test_sdpa_matches_explicit_weights_and_loads_timm_attention():
     weights = layer.attention_weights(x)
     assert weights.shape == (2, 4, 50, 50)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 50))
+
+
+@pytest.mark.parametrize("kind", sorted(ATTENTION_KINDS))
+def test_every_kind_replaces_the_attention_of_a_timm_block(kind):
+    block = pytest.importorskip("timm.models.vision_transformer").Block(32, num_heads=4, qkv_bias=True)
+    block.attn = make_attention(kind, 32, 4, **SMALL.get(kind, {}))
+    x = torch.randn(2, 100, 32)
+    assert block(x).shape == (2, 100, 32)
+    if kind != "sdpa":
+        with pytest.raises(ValueError, match="takes no attn_mask"):
+            block(x, is_causal=True)

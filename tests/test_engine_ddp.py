@@ -26,21 +26,39 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, data: str, out: str, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     from safetensors.torch import save_file
 
     from napari_medssl.engine import TrainConfig, Trainer
 
-    cfg = TrainConfig(model="unet_tiny", task="segment", data=data, out_dir=out, max_steps=3, batch_size=2,
-                      val_every=3, warmup_steps=1, device="cpu", model_overrides=dict(TINY_UNET))
+    cfg = TrainConfig(
+        model="unet_tiny",
+        task="segment",
+        data=data,
+        out_dir=out,
+        max_steps=3,
+        batch_size=2,
+        val_every=3,
+        warmup_steps=1,
+        device="cpu",
+        model_overrides=dict(TINY_UNET),
+    )
     trainer = Trainer(cfg)
     events = list(trainer.run())
     state = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}
     save_file(state, str(Path(result_dir) / f"rank{rank}.safetensors"))
-    summary = {"world": trainer.world_size, "kinds": [e["event"] for e in events],
-               "n_samples": len(trainer.train_set)}
+    summary = {
+        "world": trainer.world_size,
+        "kinds": [e["event"] for e in events],
+        "n_samples": len(trainer.train_set),
+    }
     (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps(summary))
 
 
@@ -51,7 +69,9 @@ def test_two_process_ddp_gives_identical_weights(data_dir, tmp_path):
     data = small_msd(data_dir, tmp_path / "msd", n=3)
     results = tmp_path / "results"
     results.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(data), str(tmp_path / "run"), str(results)), nprocs=2, join=True)
+    mp.spawn(
+        _worker, args=(2, _free_port(), str(data), str(tmp_path / "run"), str(results)), nprocs=2, join=True
+    )
     a, b = load_file(str(results / "rank0.safetensors")), load_file(str(results / "rank1.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -70,10 +90,37 @@ def test_two_process_ddp_gives_identical_weights(data_dir, tmp_path):
 @pytest.mark.slow
 def test_torchrun_cli_finetune(data_dir, tmp_path):
     data = small_msd(data_dir, tmp_path / "msd", n=3)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "napari_medssl.engine.cli", "finetune", "--model", "unet_tiny", "--set", "levels=2",
-           "--data", str(data), "--task", "segment", "--out", str(tmp_path / "run"), "--max-steps", "2",
-           "--batch-size", "2", "--val-every", "2", "--device", "cpu", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "napari_medssl.engine.cli",
+        "finetune",
+        "--model",
+        "unet_tiny",
+        "--set",
+        "levels=2",
+        "--data",
+        str(data),
+        "--task",
+        "segment",
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--val-every",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

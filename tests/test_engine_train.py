@@ -21,8 +21,18 @@ def msd(data_dir, tmp_path_factory):
 
 
 def seg_config(data, out, **kw) -> TrainConfig:
-    base = dict(model="unet_tiny", task="segment", data=str(data), out_dir=str(out), max_steps=4, batch_size=4,
-                val_every=2, warmup_steps=1, model_overrides=dict(TINY_UNET), lr=3e-3)
+    base = dict(
+        model="unet_tiny",
+        task="segment",
+        data=str(data),
+        out_dir=str(out),
+        max_steps=4,
+        batch_size=4,
+        val_every=2,
+        warmup_steps=1,
+        model_overrides=dict(TINY_UNET),
+        lr=3e-3,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -123,39 +133,83 @@ def test_painted_labels_train_with_ignore_index(data_dir, tmp_path):
     for z in (8, 12, 16):  # a clinician painted three slices: 1 background, 2 and 3 hippocampus
         painted[z] = lab[z] + 1
     data = ArrayData([img[0], img[0]], [painted, painted], ids=["a", "b"])
-    cfg = TrainConfig(model="unet_tiny", task="segment", data=data, out_dir=str(tmp_path / "run"), max_steps=2,
-                      batch_size=2, val_every=2, ignore_index=0, label_map={1: 0, 2: 1, 3: 2},
-                      model_overrides=dict(TINY_UNET), val_fraction=0.5)
+    cfg = TrainConfig(
+        model="unet_tiny",
+        task="segment",
+        data=data,
+        out_dir=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=2,
+        val_every=2,
+        ignore_index=0,
+        label_map={1: 0, 2: 1, 3: 2},
+        model_overrides=dict(TINY_UNET),
+        val_fraction=0.5,
+    )
     trainer = Trainer(cfg)
     events = list(trainer.run())
     assert len(trainer.train_set) == 3 and trainer.num_classes == 3
     assert events[-1]["metrics"]["n_cases"] == 1.0
+    # one painted image (the viewer's usual case): no validation split, the latest checkpoint is the best
+    single = ArrayData([img[0]], [painted])
+    cfg.data, cfg.out_dir, cfg.max_steps, cfg.val_every = single, str(tmp_path / "one"), 1, 1
+    done = list(train(cfg))[-1]
+    assert done["best_path"] and load_model(done["best_path"]).num_classes == 3
 
 
 def test_classification_and_pretraining_on_mias(data_dir, tmp_path):
     mias = small_mias(data_dir, tmp_path / "mias", n_women=5)
-    cls = TrainConfig(model="vit_tiny", task="classify", data=str(mias), out_dir=str(tmp_path / "cls"),
-                      max_steps=2, batch_size=4, val_every=2, model_overrides=dict(TINY_VIT))
+    cls = TrainConfig(
+        model="vit_tiny",
+        task="classify",
+        data=str(mias),
+        out_dir=str(tmp_path / "cls"),
+        max_steps=2,
+        batch_size=4,
+        val_every=2,
+        model_overrides=dict(TINY_VIT),
+    )
     events = list(train(cls))
     metrics = events[-1]["metrics"]
     assert {"accuracy", "balanced_accuracy", "auc"} <= set(metrics)
     split = json.loads((tmp_path / "cls/split.json").read_text())
     women = {int(i[3:6]) + 1 >> 1 for i in split["val"]}
     assert all(f"mdb{2 * w - 1:03d}" in split["val"] and f"mdb{2 * w:03d}" in split["val"] for w in women)
-    pre = TrainConfig(model="mae_tiny", task="pretrain", data=str(mias), out_dir=str(tmp_path / "pre"),
-                      max_steps=2, batch_size=4, val_every=2, model_overrides=dict(TINY_MAE))
+    pre = TrainConfig(
+        model="mae_tiny",
+        task="pretrain",
+        data=str(mias),
+        out_dir=str(tmp_path / "pre"),
+        max_steps=2,
+        batch_size=4,
+        val_every=2,
+        model_overrides=dict(TINY_MAE),
+    )
     events = list(train(pre))
     assert "val_loss" in events[-1]["metrics"] and events[-1]["best_path"]
-    fine = TrainConfig(model=events[-1]["best_path"], task="classify", data=str(mias),
-                       out_dir=str(tmp_path / "fine"), max_steps=1, batch_size=4, val_every=1)
+    fine = TrainConfig(
+        model=events[-1]["best_path"],
+        task="classify",
+        data=str(mias),
+        out_dir=str(tmp_path / "fine"),
+        max_steps=1,
+        batch_size=4,
+        val_every=1,
+    )
     trainer = Trainer(fine)
     list(trainer.run())
     assert trainer.build_info["loaded"] > 0 and any("head" in k for k in trainer.build_info["skipped"])
 
 
 def test_3d_model_trains_on_volumes(msd, tmp_path):
-    cfg = seg_config(msd, tmp_path / "run", max_steps=2, val_every=2, patch_size=(32, 32, 32),
-                     model_overrides={**TINY_UNET, "spatial_dims": 3})
+    cfg = seg_config(
+        msd,
+        tmp_path / "run",
+        max_steps=2,
+        val_every=2,
+        patch_size=(32, 32, 32),
+        model_overrides={**TINY_UNET, "spatial_dims": 3},
+    )
     trainer = Trainer(cfg)
     events = list(trainer.run())
     assert trainer.size == (32, 32, 32) and trainer.train_set[0]["image"].shape == (1, 32, 32, 32)

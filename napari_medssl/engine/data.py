@@ -131,7 +131,7 @@ class MSDFolder(DataSource):
             self.label_dir = None
         if self.label_dir is None:
             self.task = None
-        self.description = f"msd:{self.root}"
+        self.description = f"msd:{self.root.absolute()}"
         self.class_names = self._label_names()
         self._cases: list[Case] | None = None
 
@@ -199,7 +199,7 @@ class MiasFolder(DataSource):
         csv_path = self.root / "labels.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(f"{self.root} is not a mini-MIAS folder: no labels.csv")
-        self.description = f"mias:{self.root}"
+        self.description = f"mias:{self.root.absolute()}"
         abnormal: dict[str, bool] = {}
         with open(csv_path, newline="") as fh:
             reader = csv.DictReader(fh)
@@ -242,7 +242,7 @@ class ImageFolder(DataSource):
 
     def __init__(self, root: str | os.PathLike, labels_csv: str = "labels.csv", masks: str = "masks") -> None:
         self.root = Path(root)
-        self.description = f"images:{self.root}"
+        self.description = f"images:{self.root.absolute()}"
         self.files = sorted(p for p in self.root.iterdir() if p.is_file() and readers.is_image(p))
         if not self.files:
             raise ValueError(f"no PNG/TIFF images in {self.root}")
@@ -306,7 +306,7 @@ class DicomFolder(DataSource):
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        self.description = f"dicom:{self.root}"
+        self.description = f"dicom:{self.root.absolute()}"
         self.folders = readers.dicom_leaf_folders(self.root)
 
     def cases(self) -> list[Case]:
@@ -342,7 +342,7 @@ class MedMNIST(DataSource):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"MedMNIST file not found: {self.path}")
-        self.description = f"medmnist:{self.path}"
+        self.description = f"medmnist:{self.path.absolute()}"
         with np.load(self.path) as npz:
             self.arrays = {k: npz[k] for k in npz.files}
         for s in splits:

@@ -124,7 +124,9 @@ def evaluate(
     if split == "val":
         cases = select(cases, split_ids(model, checkpoint), "the checkpoint's validation split")
     extra = getattr(model, "checkpoint_extra", None) or {}
-    train_cfg = extra.get("train_config") or {}
+    # the training run's label conventions (ignore_index, label_map) describe its own data only
+    same_data = extra.get("data") == source.description
+    train_cfg = (extra.get("train_config") or {}) if same_data else {}
     samples = SampleSet(
         cases,
         task=getattr(model, "task", "segment"),

@@ -348,8 +348,11 @@ class Trainer:
                         yield {"event": "val", "step": step, "metrics": metrics}
                         self.folder.log({"event": "val", "step": step, "metrics": metrics})
                         value = metrics.get(best_metric, float("nan")) if best_metric != "last" else 0.0
-                        is_best = best_metric == "last" or _is_better(
-                            value, record["best_value"], best_metric
+                        no_val = self.val_set is None  # nothing to compare on: the latest is the best
+                        is_best = (
+                            no_val
+                            or best_metric == "last"
+                            or _is_better(value, record["best_value"], best_metric)
                         )
                         if is_best:
                             record.update(best_value=value, best_step=step, best_metrics=metrics)

@@ -30,7 +30,14 @@ import numpy as np
 import pydicom
 
 from .dicom_files import DicomFile, collect_files, decode_frames, open_dicom
-from .volume import MedicalImageReadError, MedicalImageReadWarning, Volume, as_label_array, label_values
+from .volume import (
+    MedicalImageReadError,
+    MedicalImageReadWarning,
+    Volume,
+    as_label_array,
+    label_values,
+    source_name,
+)
 from .windows import window_presets
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -58,6 +65,28 @@ _HEADER_KEYS = (
     "WindowCenter",
     "WindowWidth",
 )
+
+
+def _get(ds: Any, keyword: str) -> Any:
+    """``ds.get(keyword)``, or ``None`` when the element is empty or too corrupt to convert."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # pydicom converts lazily; a corrupt element (bad VR, bad value) fails here
+        return None
+    return None if value in (None, "") else value
+
+
+def _positive(value: Any, default: float) -> float:
+    """A finite positive number from a header value, else ``default``."""
+    try:
+        number = float(_first_value(value))
+    except (TypeError, ValueError):
+        return default
+    return number if np.isfinite(number) and number > 0 else default
+
+
+def _first_value(value: Any) -> Any:
+    return value[0] if isinstance(value, pydicom.multival.MultiValue | list | tuple) else value
 
 
 def _plain(value: Any) -> Any:
@@ -155,6 +184,8 @@ def _apply_rescale(stack: np.ndarray, slopes: np.ndarray, inters: np.ndarray) ->
     out = stack.astype(np.float32)
     out *= slopes.astype(np.float32).reshape(shape)
     out += inters.astype(np.float32).reshape(shape)
+    if not np.all(np.isfinite(out)):
+        raise ValueError("RescaleSlope/RescaleIntercept push values beyond the float32 range")
     return out
 
 
@@ -190,8 +221,9 @@ def _window_metadata(
 ) -> tuple[str, tuple[float, float], dict]:
     presets = window_presets(data if not rgb else data.mean(axis=-1), modality)
     name, window = next(iter(presets.items()))
-    if ds0.get("WindowCenter") is not None and ds0.get("WindowWidth") is not None:
-        c, w = float(np.ravel([ds0.WindowCenter])[0]), float(np.ravel([ds0.WindowWidth])[0])
+    center, width = _get(ds0, "WindowCenter"), _positive(_get(ds0, "WindowWidth"), 0.0)
+    if center is not None and width > 0 and np.isfinite(float(_first_value(center))):
+        c, w = float(_first_value(center)), width
         presets["dicom"] = (c - w / 2, c + w / 2)
     return name, window, presets
 
@@ -210,7 +242,7 @@ def _build(members: list[DicomFile], skipped: list[dict[str, str]]) -> list[Volu
     data = _apply_rescale(stack, slopes, inters)
     direction, origin, dz = _geometry(kept, f0.orientation, notes)
     ds0, rgb = f0.ds, f0.samples > 1
-    if ds0.get("PhotometricInterpretation") == "MONOCHROME1" and not rgb:
+    if _get(ds0, "PhotometricInterpretation") == "MONOCHROME1" and not rgb:
         data = (data.max() - data) + data.min()
         notes.append("MONOCHROME1 inverted so that bright means dense")
     dy, dx = float(f0.pixel_spacing[0]), float(f0.pixel_spacing[1])
@@ -218,10 +250,10 @@ def _build(members: list[DicomFile], skipped: list[dict[str, str]]) -> list[Volu
         data, spacing = data[0], (dy, dx)
     else:
         spacing = (dz, dy, dx)
-    modality = str(ds0.get("Modality") or "OT")
+    modality = str(_get(ds0, "Modality") or "OT")
     values = None if rgb else label_values(data)
     is_label = modality == "SEG" or values is not None
-    header = {k: _plain(ds0.get(k)) for k in _HEADER_KEYS if ds0.get(k) not in (None, "")}
+    header = {k: _plain(v) for k in _HEADER_KEYS if (v := _get(ds0, k)) is not None}
     header["TransferSyntaxUID"] = str(f0.transfer_syntax)
     header["TransferSyntax"] = f0.transfer_syntax.name
     metadata: dict[str, Any] = {
@@ -231,7 +263,7 @@ def _build(members: list[DicomFile], skipped: list[dict[str, str]]) -> list[Volu
         "header": header,
         "rgb": rgb,
         "warnings": notes,
-        "slice_thickness": float(ds0.get("SliceThickness") or 1.0),
+        "slice_thickness": _positive(_get(ds0, "SliceThickness"), 1.0),
     }
     if is_label:
         data = as_label_array(data)
@@ -241,7 +273,8 @@ def _build(members: list[DicomFile], skipped: list[dict[str, str]]) -> list[Volu
         window_name, window, presets = _window_metadata(data, modality, rgb, ds0)
     metadata["window"] = {"name": window_name, "range": list(window)}
     metadata["window_presets"] = {k: list(v) for k, v in presets.items()}
-    name = str(ds0.get("SeriesDescription") or ds0.get("ProtocolName") or "").strip() or f0.path.parent.name
+    fallback_name = f0.path.parent.name if len(members) > 1 else source_name(f0.path)
+    name = str(_get(ds0, "SeriesDescription") or _get(ds0, "ProtocolName") or "").strip() or fallback_name
     vol = Volume(data, spacing, origin, direction, modality, window, name, is_label, metadata)
     vol.metadata.update(vol.geometry_metadata())
     return [vol]
@@ -323,7 +356,13 @@ def read_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Vo
     volumes: list[Volume] = []
     for members in groups.values():
         try:
-            volumes.extend(_build(members, skipped))
+            try:
+                volumes.extend(_build(members, skipped))
+            except MedicalImageReadError:
+                raise
+            except Exception as err:  # a corrupt header value met while assembling the series
+                where = members[0].path if len(members) == 1 else members[0].path.parent
+                raise MedicalImageReadError(where, f"corrupt series ({type(err).__name__}: {err})") from None
         except MedicalImageReadError as err:
             if len(files) == 1:
                 raise

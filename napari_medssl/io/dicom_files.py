@@ -6,6 +6,7 @@ attribute conversion is most of what a series reader spends beyond ``dcmread`` i
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -18,7 +19,6 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from .volume import MedicalImageReadError, max_voxels
 
@@ -120,28 +120,24 @@ def transfer_syntax(ds: Dataset) -> pydicom.uid.UID:
     return uid
 
 
-def _looks_like_bare_dataset(path: Path) -> bool:
-    """Whether a file without the 'DICM' preamble starts like a DICOM dataset (a group 0002 or 0008 tag)."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    return len(head) == 4 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0
-
-
 def _read(path: Path) -> tuple[Dataset, list[str]]:
-    """``dcmread`` with pydicom's warnings captured (they reveal truncation)."""
+    """``dcmread`` from memory, with pydicom's warnings captured (they reveal truncation).
+
+    The file is checked for the 'DICM' marker (or a bare dataset starting with a group 0002/0008 tag)
+    before it is read whole, and parsed from a ``BytesIO``: a corrupt element length then cannot make
+    a read allocate more than the file's size (``FileIO.read(n)`` allocates ``n`` bytes up front).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+        preamble = head[128:132] == b"DICM"
+        bare = head[:2] in (b"\x02\x00", b"\x08\x00") and len(head) >= 4 and head[3] == 0
+        if not (preamble or bare):
+            raise MedicalImageReadError(path, "not a DICOM file (no 'DICM' marker after the preamble)")
+        buffer = io.BytesIO(head + fh.read())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            try:
-                ds = pydicom.dcmread(path)
-            except InvalidDicomError:
-                if not _looks_like_bare_dataset(path):
-                    raise
-                ds = pydicom.dcmread(path, force=True)  # a dataset written without preamble and file meta
-        except InvalidDicomError:
-            raise MedicalImageReadError(
-                path, "not a DICOM file (no 'DICM' marker after the preamble)"
-            ) from None
+            ds = pydicom.dcmread(buffer, force=not preamble)
         except Exception as err:  # pydicom raises many types on corrupt input
             raise MedicalImageReadError(path, f"corrupt DICOM file ({type(err).__name__}: {err})") from None
     return ds, [str(w.message) for w in caught]
@@ -154,7 +150,7 @@ def _no_pixels_reason(ds: Dataset, messages: list[str]) -> str:
     if sop is None and "Modality" not in ds:
         detail = f" ({messages[0]})" if messages else ""
         return f"corrupt DICOM header: no SOP class, modality or pixel data could be parsed{detail}"
-    kind = f"a {sop.name} object" if sop is not None else "an object"
+    kind = f"a {getattr(sop, 'name', None) or sop} object" if sop is not None else "an object"
     return f"no pixel data: {kind} (Modality {ds.get('Modality', '?')}) holds no image to display"
 
 
@@ -203,15 +199,34 @@ def _first(values: Any) -> Any:
 
 
 def _floats(values: Any, n: int) -> np.ndarray | None:
-    return np.asarray([float(v) for v in values], float) if values and len(values) == n else None
+    """``n`` finite floats, or ``None`` (absent, wrong count, or a NaN/Inf in a corrupt header)."""
+    if not values or len(values) != n:
+        return None
+    out = np.asarray([float(v) for v in values], float)
+    return out if np.all(np.isfinite(out)) else None
+
+
+def _orientation(values: Any) -> np.ndarray | None:
+    """ImageOrientationPatient as two unit vectors (row, column), or ``None`` when it is not a valid one."""
+    iop = _floats(values, 6)
+    if iop is None:
+        return None
+    row, col = iop[:3], iop[3:]
+    norms = np.linalg.norm(row), np.linalg.norm(col)
+    if min(norms) < 0.5 or max(norms) > 1.5 or np.linalg.norm(np.cross(row / norms[0], col / norms[1])) < 0.5:
+        return None
+    return np.concatenate([row / norms[0], col / norms[1]])
+
+
+def _pixel_spacing(values: Any) -> np.ndarray | None:
+    spacing = _floats(values, 2)
+    return spacing if spacing is not None and np.all(spacing > 0) else None
 
 
 def _positions(ds: Dataset, orientation: np.ndarray | None, frames: int) -> np.ndarray | None:
     """``(F, 3)`` LPS positions of each frame, or ``None`` when the file gives none."""
     if frames == 1:
-        ipp = ds.get("ImagePositionPatient") or functional(
-            ds, 0, "PlanePositionSequence", "ImagePositionPatient"
-        )
+        ipp = value(ds, 0x00200032) or functional(ds, 0, "PlanePositionSequence", "ImagePositionPatient")
         pos = _floats(ipp, 3)
         return None if pos is None else pos[None, :]
     per_frame = [
@@ -223,7 +238,8 @@ def _positions(ds: Dataset, orientation: np.ndarray | None, frames: int) -> np.n
     if offsets is not None and len(offsets) == frames and start is not None and orientation is not None:
         normal = np.cross(orientation[:3], orientation[3:])
         offs = np.asarray([float(v) for v in offsets])
-        return start[None, :] + (offs - offs[0])[:, None] * normal[None, :]
+        positions = start[None, :] + (offs - offs[0])[:, None] * normal[None, :]
+        return positions if np.all(np.isfinite(positions)) else None
     return None
 
 
@@ -255,7 +271,11 @@ def _check_decodable(
             f"{n * bits / 8 / 2**30:.1f} GiB), more than the limit of {max_voxels():,}; refusing to allocate "
             "(raise $MEDSSL_MAX_VOXELS if the file is genuine)",
         )
-    if not tsuid.is_compressed:
+    try:
+        compressed = tsuid.is_compressed
+    except ValueError:  # not a transfer syntax UID at all
+        raise MedicalImageReadError(path, f"unknown transfer syntax {tsuid!s}") from None
+    if not compressed:
         expected = (n * bits + 7) // 8
         held = len(ds.get_item(next(t for t in PIXEL_TAGS if t in ds)).value or b"")
         if held < expected:
@@ -291,6 +311,16 @@ def open_dicom(path: str | os.PathLike) -> DicomFile:
     """
     path = path if isinstance(path, Path) else Path(path)
     ds, messages = _read(path)
+    try:
+        return _describe(path, ds, messages)
+    except (MedicalImageReadError, MemoryError):
+        raise
+    except Exception as err:  # pydicom converts elements lazily: a corrupt one fails on first access
+        raise MedicalImageReadError(path, f"corrupt DICOM header ({type(err).__name__}: {err})") from None
+
+
+def _describe(path: Path, ds: Dataset, messages: list[str]) -> DicomFile:
+    """The :class:`DicomFile` of a dataset read from ``path`` (see :func:`open_dicom`)."""
     if not any(tag in ds for tag in PIXEL_TAGS):
         raise MedicalImageReadError(path, _no_pixels_reason(ds, messages))
     rows, cols, bits = value(ds, 0x00280010), value(ds, 0x00280011), value(ds, 0x00280100)
@@ -300,19 +330,29 @@ def open_dicom(path: str | os.PathLike) -> DicomFile:
     rows, cols, bits = int(_first(rows)), int(_first(cols)), int(_first(bits))
     frames = int(_first(value(ds, 0x00280008)) or 1)
     samples = int(_first(value(ds, 0x00280002)) or 1)
+    bits_stored = int(_first(value(ds, 0x00280101)) or bits)
+    if frames < 1 or samples < 1 or not 0 < bits_stored <= bits:
+        raise MedicalImageReadError(
+            path,
+            f"the pixel description is invalid: NumberOfFrames {frames}, SamplesPerPixel {samples}, "
+            f"BitsStored {bits_stored} of BitsAllocated {bits}",
+        )
     tsuid = transfer_syntax(ds)
     _check_decodable(path, ds, tsuid, (frames, rows, cols, samples), bits)
-    orientation = _floats(
-        value(ds, 0x00200037) or functional(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+    orientation = _orientation(
+        value(ds, 0x00200037) or functional(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
     )
-    spacing = _floats(
+    spacing = _pixel_spacing(
         value(ds, 0x00280030)
         or functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing")
         or ds.get("ImagerPixelSpacing")
-        or ds.get("NominalScannedPixelSpacing"),
-        2,
+        or ds.get("NominalScannedPixelSpacing")
     )
     slopes, intercepts = _rescale(ds, frames)
+    if not (np.all(np.isfinite(slopes)) and np.all(np.isfinite(intercepts))) or np.any(slopes == 0):
+        raise MedicalImageReadError(
+            path, "RescaleSlope/RescaleIntercept is not a usable number (NaN, Inf or a zero slope)"
+        )
     return DicomFile(
         path=path,
         ds=ds,
@@ -321,7 +361,7 @@ def open_dicom(path: str | os.PathLike) -> DicomFile:
         frames=frames,
         samples=samples,
         bits=bits,
-        bits_stored=int(_first(value(ds, 0x00280101)) or bits),
+        bits_stored=bits_stored,
         signed=int(_first(value(ds, 0x00280103)) or 0) == 1,
         transfer_syntax=tsuid,
         orientation=orientation,
@@ -353,7 +393,9 @@ def decode_frames(f: DicomFile) -> tuple[np.ndarray, int]:
         and PIXEL_TAGS[0] in f.ds
     ):
         dtype = f"<{'i' if f.signed else 'u'}{f.bits // 8}"
-        view = np.frombuffer(f.ds.get_item(PIXEL_TAGS[0]).value, dtype=dtype, count=f.frames * f.rows * f.cols)
+        view = np.frombuffer(
+            f.ds.get_item(PIXEL_TAGS[0]).value, dtype=dtype, count=f.frames * f.rows * f.cols
+        )
         return view.reshape(f.frames, f.rows, f.cols), f.bits - f.bits_stored
     try:
         arr = f.ds.pixel_array

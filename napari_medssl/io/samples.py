@@ -138,10 +138,22 @@ def _relative_files(dataset: dict[str, Any], rel: str) -> list[str]:
     return [f for f in files if f == rel or f.startswith(rel.rstrip("/") + "/")]
 
 
+def _hash_ok(path: Path, known: str) -> bool:
+    """Whether a file matches a pooch-style hash string (``"sha256:..."`` or ``"md5:..."``)."""
+    import pooch
+
+    alg, _, digest = known.partition(":")
+    return path.is_file() and pooch.file_hash(str(path), alg=alg) == digest
+
+
 def _fetch(
     dataset_key: str, dataset: dict[str, Any], rels: list[str], allow_download: bool
 ) -> SampleSource | None:
-    """Files from the pooch cache, downloading them when allowed; ``None`` when impossible."""
+    """Files from the pooch cache (hash-checked), downloading them when allowed; ``None`` when impossible.
+
+    Offline (``allow_download=False``) nothing touches the network: a missing or corrupt cached file
+    means ``None``.
+    """
     if "archive" not in dataset and "base_url" not in dataset:
         return None
     import pooch
@@ -152,13 +164,14 @@ def _fetch(
         wanted = [f for r in rels for f in _relative_files(dataset, r)]
         if not wanted:
             return None
-        cached = all((target / f).is_file() for f in wanted)
-        if not cached and not allow_download:
-            return None
-        for f in wanted:
-            pooch.retrieve(
-                dataset["base_url"] + f, dataset["files"][f], fname=f, path=target, downloader=downloader
-            )
+        cached = all(_hash_ok(target / f, dataset["files"][f]) for f in wanted)
+        if not cached:
+            if not allow_download:
+                return None
+            for f in wanted:  # pooch downloads what is missing or corrupt, and checks the hash
+                pooch.retrieve(
+                    dataset["base_url"] + f, dataset["files"][f], fname=f, path=target, downloader=downloader
+                )
         paths = tuple(target / r if r not in ("", ".") else target for r in rels)
         return SampleSource(paths, "cache" if cached else "download", dataset["base_url"])
     archive = dataset["archive"]
@@ -166,7 +179,7 @@ def _fetch(
     unpacked = target / f"{name}.untar" / archive.get("root", "")
     cached = all((unpacked / r).exists() for r in rels)
     if not cached:
-        if not allow_download and not (target / name).is_file():
+        if not allow_download and not _hash_ok(target / name, archive["hash"]):
             return None
         pooch.retrieve(
             archive["url"],
@@ -261,8 +274,11 @@ def load_sample(key: str) -> list[Volume]:
         "licence": dataset["licence"] if source.origin != "fallback" else "see the dependency's licence",
         "citation": dataset.get("citation", "") if source.origin != "fallback" else "",
     }
+    names = [v.name for v in volumes]
     for v in volumes:
         v.metadata["sample"] = info
+        if v.is_label and names.count(v.name) > 1:
+            v.name = f"{v.name} labels"
         if source.origin == "fallback":
             v.name = f"{v.name} ({source.detail}, fallback)"
     return volumes

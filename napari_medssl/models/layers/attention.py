@@ -5,10 +5,10 @@ projection, attention per head (H heads of size D = E / H), one output projectio
 names match timm's, so an ``sdpa`` layer loads timm / DINO block weights and every kind can replace
 ``block.attn`` in a timm ``Block``. Build them with :func:`make_attention`.
 
-- ``sdpa``: exact ``softmax(Q Kᵀ / √D) V`` through ``F.scaled_dot_product_attention`` (flash kernel, O(N) memory).
+- ``sdpa``: exact ``softmax(Q Kᵀ / √D) V`` by ``F.scaled_dot_product_attention`` (flash kernel, O(N) memory).
 - ``nystrom``: Nyströmformer (Xiong et al., AAAI 2021, arXiv:2102.03902).
 - ``performer``: FAVOR+ positive orthogonal random features (Choromanski et al., ICLR 2021, arXiv:2009.14794).
-- ``linformer``: low-rank projection of keys and values along the sequence (Wang et al. 2020, arXiv:2006.04768).
+- ``linformer``: keys and values projected along the sequence (Wang et al. 2020, arXiv:2006.04768).
 
 Axis legend: B batch, N tokens, E embedding, H heads, D head size, M landmarks / features / projected length.
 """
@@ -32,6 +32,7 @@ __all__ = [
     "iterative_pinv",
     "make_attention",
     "segment_means",
+    "unpack_qkv",
 ]
 
 
@@ -40,7 +41,7 @@ def segment_means(x: Tensor, m: int) -> Tensor:
 
     For ``N >= m`` the tokens are split exactly into ``m`` segments whose lengths differ by at most one
     (the first ``N mod m`` segments hold one token more), so every token counts once. For ``N < m`` the
-    segments are single tokens picked by nearest-neighbour upsampling (token ``floor(i N / m)`` for segment i).
+    segments are single tokens picked by nearest-neighbour upsampling (segment i is token ``floor(i N / m)``).
     Views and means only: the input is never padded or copied.
 
     Args:
@@ -67,8 +68,8 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
     """Moore-Penrose pseudo-inverse of square matrices by the iteration of Razavi et al. (2014).
 
     Nyströmformer eq. (16): ``Z_{j+1} = ¼ Z_j (13 I − A Z_j (15 I − A Z_j (7 I − A Z_j)))`` from
-    ``Z_0 = Aᵀ / (‖A‖₁ ‖A‖∞)``, which converges for any A because σ(A Z_0) ⊂ (0, 1]. The norms are taken
-    per matrix. Only matrix products, so it is differentiable and fast on small (M × M) matrices.
+    ``Z_0 = Aᵀ / (‖A‖₁ ‖A‖∞)``, which converges for any A (the nonzero eigenvalues of A Z_0 lie in (0, 1]).
+    Norms are taken per matrix. Only matrix products: differentiable and fast on small (M × M) matrices.
 
     Args:
         a: ``(..., M, M)``.
@@ -96,7 +97,7 @@ def unpack_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class _MultiHeadAttention(nn.Module):
     """Shared projections: ``qkv`` (E → 3E), optional per-head q/k norm, ``proj`` (E → E).
 
-    Subclasses implement :meth:`attend`: packed ``qkv`` ``(B, N, 3, H, D)`` → per-head output ``(B, N, H, D)``.
+    Subclasses implement :meth:`attend`: packed ``qkv`` ``(B, N, 3, H, D)`` → per-head ``(B, N, H, D)``.
     """
 
     def __init__(
@@ -141,10 +142,19 @@ class _MultiHeadAttention(nn.Module):
         """Attention output ``(B, N, H, D)`` from packed ``qkv`` ``(B, N, 3, H, D)``."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)``."""
-        out = self.attend(self.packed_qkv(x))
-        return self.proj_drop(self.proj(out.reshape(*x.shape[:2], self.dim)))
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)``.
+
+        ``attn_mask`` and ``is_causal`` are there for timm's ``Block``, which passes them; only ``sdpa``
+        takes them.
+        """
+        if attn_mask is not None or is_causal:
+            raise ValueError(f"{type(self).__name__} takes no attn_mask or is_causal; use the 'sdpa' kind")
+        return self.output(self.attend(self.packed_qkv(x)))
+
+    def output(self, out: Tensor) -> Tensor:
+        """Output projection of the per-head result ``(B, N, H, D)`` → ``(B, N, E)``."""
+        return self.proj_drop(self.proj(out.reshape(*out.shape[:2], self.dim)))
 
 
 class SDPAAttention(_MultiHeadAttention):
@@ -161,17 +171,29 @@ class SDPAAttention(_MultiHeadAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.attn_drop = attn_drop
 
-    def attend(self, qkv: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)``; mask semantics of ``F.sdpa``."""
+        return self.output(self.attend(self.packed_qkv(x), attn_mask, is_causal))
+
+    def attend(self, qkv: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         p = self.attn_drop if self.training else 0.0
-        return F.scaled_dot_product_attention(*unpack_qkv(qkv), dropout_p=p).transpose(1, 2)
+        q, k, v = unpack_qkv(qkv)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        return out.transpose(1, 2)
 
     def attention_weights(self, x: Tensor) -> Tensor:
-        """The explicit attention matrix ``softmax(Q Kᵀ / √D)`` ``(B, H, N, N)``: O(N²) memory, for analysis."""
+        """The explicit attention matrix ``softmax(Q Kᵀ / √D)`` ``(B, H, N, N)``, O(N²) memory (analysis)."""
         q, k, _ = self.project_qkv(x)
         return torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
 
 
-_CHUNK = 4096  # tokens per block in the fused kernels: (B, H, 4096, M) temporaries
+_BLOCK_ELEMENTS = 4096 * 64  # per (batch, head): the fused kernels' (tokens × M) temporaries stay this size
+
+
+def _token_blocks(n: int, width: int) -> list[slice]:
+    """Slices covering ``range(n)`` in blocks of ``_BLOCK_ELEMENTS // width`` tokens (at least one)."""
+    size = max(1, _BLOCK_ELEMENTS // width)
+    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def _landmark_mix(q_land: Tensor, k_land: Tensor, kv3: Tensor, scale: float, iterations: int) -> Tensor:
@@ -183,7 +205,7 @@ def _landmark_mix(q_land: Tensor, k_land: Tensor, kv3: Tensor, scale: float, ite
 
 
 def _add_segment_grad(grad: Tensor, grad_means: Tensor) -> None:
-    """In place: ``grad`` ``(..., N, D)`` += the gradient of :func:`segment_means` for ``grad_means`` (N ≥ M)."""
+    """In place: ``grad`` ``(..., N, D)`` += the gradient of :func:`segment_means` given ``grad_means``."""
     n, m = grad.shape[-2], grad_means.shape[-2]
     size, rest = divmod(n, m)
     split = rest * (size + 1)
@@ -212,13 +234,13 @@ class _NystromKernels(torch.autograd.Function):
         run_max = q_land.new_full((*q_land.shape[:-1], 1), float("-inf"))
         denom = torch.zeros_like(run_max)
         kv3 = torch.zeros_like(q_land)
-        for start in range(0, k.shape[-2], _CHUNK):
-            logits = q_land_s @ k[..., start : start + _CHUNK, :].transpose(-1, -2)  # (B, H, M, c)
+        for sl in _token_blocks(k.shape[-2], num_landmarks):
+            logits = q_land_s @ k[..., sl, :].transpose(-1, -2)  # (B, H, M, c)
             new_max = torch.maximum(run_max, logits.amax(-1, keepdim=True))
             correction = torch.exp(run_max - new_max)
             p = logits.sub_(new_max).exp_()
             denom = denom * correction + p.sum(-1, keepdim=True)
-            kv3 = kv3 * correction + p @ v[..., start : start + _CHUNK, :]
+            kv3 = kv3 * correction + p @ v[..., sl, :]
             run_max = new_max
         kv3 = kv3 / denom  # softmax(s Q̃ Kᵀ) V
         lse3 = run_max + denom.log()
@@ -239,13 +261,14 @@ class _NystromKernels(torch.autograd.Function):
         dq, dk, dv = unpack_qkv(grad_qkv)
         q_land_s, k_land_s = q_land * scale, k_land * scale
         dw, dk_land = torch.zeros_like(w), torch.zeros_like(k_land)
-        for start in range(0, n, _CHUNK):  # kernel 1: out = P W, P = softmax(s Q K̃ᵀ)
-            q_c, do_c = q[..., start : start + _CHUNK, :], grad_out[..., start : start + _CHUNK, :]
+        blocks = _token_blocks(n, q_land.shape[-2])
+        for sl in blocks:  # kernel 1: out = P W, P = softmax(s Q K̃ᵀ)
+            q_c, do_c = q[..., sl, :], grad_out[..., sl, :]
             p = torch.softmax(q_c @ k_land_s.transpose(-1, -2), dim=-1)  # (B, H, c, M)
             dw += p.transpose(-1, -2) @ do_c
             dp = do_c @ w.transpose(-1, -2)
             ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)  # dS / s
-            dq[..., start : start + _CHUNK, :] = ds @ k_land_s
+            dq[..., sl, :] = ds @ k_land_s
             dk_land += ds.transpose(-1, -2) @ q_c
         with torch.enable_grad():  # the small graph W = pinv(softmax(s Q̃ K̃ᵀ)) kv3
             leaves = [t.detach().requires_grad_() for t in (q_land, k_land, kv3)]
@@ -254,12 +277,12 @@ class _NystromKernels(torch.autograd.Function):
         dk_land = dk_land_2.add_(dk_land, alpha=scale)
         delta = (dkv3 * kv3).sum(-1, keepdim=True)  # rowsum(P3 ∘ dP3)
         dq_land_3 = torch.zeros_like(q_land)
-        for start in range(0, n, _CHUNK):  # kernel 3: kv3 = P3 V, P3 = softmax(s Q̃ Kᵀ)
-            k_c, v_c = k[..., start : start + _CHUNK, :], v[..., start : start + _CHUNK, :]
+        for sl in blocks:  # kernel 3: kv3 = P3 V, P3 = softmax(s Q̃ Kᵀ)
+            k_c, v_c = k[..., sl, :], v[..., sl, :]
             p = (q_land_s @ k_c.transpose(-1, -2)).sub_(lse3).exp_()  # (B, H, M, c)
-            dv[..., start : start + _CHUNK, :] = p.transpose(-1, -2) @ dkv3
+            dv[..., sl, :] = p.transpose(-1, -2) @ dkv3
             ds = (dkv3 @ v_c.transpose(-1, -2)).sub_(delta).mul_(p)  # dS / s
-            dk[..., start : start + _CHUNK, :] = ds.transpose(-1, -2) @ q_land_s
+            dk[..., sl, :] = ds.transpose(-1, -2) @ q_land_s
             dq_land_3 += ds @ k_c
         _add_segment_grad(dq, dq_land.add_(dq_land_3, alpha=scale))
         _add_segment_grad(dk, dk_land)
@@ -345,20 +368,21 @@ class _FavorKernels(torch.autograd.Function):
         q, k, v = unpack_qkv(qkv)
         b, n, _, h, d = qkv.shape
         key_peak = q.new_full((b, h, 1, 1), float("-inf"))
-        for start in range(0, n, _CHUNK):
-            k_c = root_scale * k[..., start : start + _CHUNK, :]
+        blocks = _token_blocks(n, features.shape[0])
+        for sl in blocks:
+            k_c = root_scale * k[..., sl, :]
             wk = k_c @ features.T - 0.5 * k_c.square().sum(-1, keepdim=True)
             key_peak = torch.maximum(key_peak, wk.amax((-1, -2), keepdim=True))
         kv = q.new_zeros(b, h, features.shape[0], d)
         k_sum = q.new_zeros(b, h, features.shape[0], 1)
-        for start in range(0, n, _CHUNK):
-            phi = _favor_features(root_scale * k[..., start : start + _CHUNK, :], features, eps, key_peak)
-            kv += phi.transpose(-1, -2) @ v[..., start : start + _CHUNK, :]
+        for sl in blocks:
+            phi = _favor_features(root_scale * k[..., sl, :], features, eps, key_peak)
+            kv += phi.transpose(-1, -2) @ v[..., sl, :]
             k_sum += phi.sum(-2).unsqueeze(-1)
         out = qkv.new_empty(b, n, h, d)
-        for start in range(0, n, _CHUNK):
-            phi = _favor_features(root_scale * q[..., start : start + _CHUNK, :], features, eps)
-            out[:, start : start + _CHUNK] = ((phi @ kv) / (phi @ k_sum)).transpose(1, 2)
+        for sl in blocks:
+            phi = _favor_features(root_scale * q[..., sl, :], features, eps)
+            out[:, sl] = ((phi @ kv) / (phi @ k_sum)).transpose(1, 2)
         ctx.save_for_backward(qkv, features, key_peak, kv, k_sum, out)
         ctx.root_scale, ctx.eps = root_scale, eps
         return out
@@ -373,8 +397,8 @@ class _FavorKernels(torch.autograd.Function):
         grad_qkv = torch.empty_like(qkv)
         dq, dk, dv = unpack_qkv(grad_qkv)
         d_kv, d_k_sum = torch.zeros_like(kv), torch.zeros_like(k_sum)
-        for start in range(0, n, _CHUNK):  # out = φ(Q) kv / (φ(Q) k_sum)
-            sl = slice(start, start + _CHUNK)
+        blocks = _token_blocks(n, features.shape[0])
+        for sl in blocks:  # out = φ(Q) kv / (φ(Q) k_sum)
             q_c = rs * q[..., sl, :]
             phi = _favor_features(q_c, features, eps)
             g = grad_out[..., sl, :] / (phi @ k_sum)  # dO / denominator
@@ -383,8 +407,7 @@ class _FavorKernels(torch.autograd.Function):
             d_k_sum -= phi.transpose(-1, -2) @ t
             d_wx = (g @ kv.transpose(-1, -2)).sub_(t @ k_sum.transpose(-1, -2)).mul_(phi.sub_(eps))
             dq[..., sl, :] = rs * (d_wx @ features - d_wx.sum(-1, keepdim=True) * q_c)
-        for start in range(0, n, _CHUNK):  # kv = φ(K)ᵀ V, k_sum = φ(K)ᵀ 1
-            sl = slice(start, start + _CHUNK)
+        for sl in blocks:  # kv = φ(K)ᵀ V, k_sum = φ(K)ᵀ 1
             k_c = rs * k[..., sl, :]
             phi = _favor_features(k_c, features, eps, key_peak)
             dv[..., sl, :] = phi @ d_kv
@@ -520,10 +543,10 @@ def make_attention(kind: str, dim: int, num_heads: int, **kwargs) -> _MultiHeadA
         kind: ``"sdpa"`` (exact), ``"nystrom"``, ``"performer"`` or ``"linformer"``.
         dim: embedding size E (a multiple of ``num_heads``).
         num_heads: H.
-        **kwargs: shared ``qkv_bias`` (True), ``qk_norm``, ``proj_bias``, ``proj_drop``, ``norm_layer``, and the
-            kind's own options: sdpa ``attn_drop``; nystrom ``num_landmarks`` (64), ``pinv_iterations`` (6),
-            ``conv_kernel`` (None); performer ``nb_features``, ``redraw_interval``, ``generator``;
-            linformer ``k`` (256), ``seq_len`` (1024), ``share_kv``.
+        **kwargs: shared ``qkv_bias`` (True), ``qk_norm``, ``proj_bias``, ``proj_drop``, ``norm_layer``, and
+            the kind's own options: sdpa ``attn_drop``; nystrom ``num_landmarks`` (64),
+            ``pinv_iterations`` (6), ``conv_kernel`` (None); performer ``nb_features`` (D ln D),
+            ``redraw_interval``, ``generator``; linformer ``k`` (256), ``seq_len`` (1024), ``share_kv``.
 
     Raises:
         ValueError: unknown kind, an option the kind does not take, or inconsistent sizes.

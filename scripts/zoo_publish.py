@@ -1,0 +1,153 @@
+"""Publish a training run's best checkpoint into the zoo (``models/<name>/``) with metrics from ``medssl evaluate``.
+
+Steps: (1) take ``RUN/best.safetensors``; ``--fp16`` stores the weights as float16 (they load into float32
+models; needed to stay under 10 MB for models that carry a ViT), ``--dino-backbone`` keeps only a DINO run's
+teacher ViT (saved as a ``vit_*`` checkpoint: what ``attention_maps`` and ``dinocnn_*`` use), and
+``--drop-config KEY`` removes a build-time key (a ``dino_checkpoint`` path; the weights are in the file);
+(2) publish with :func:`napari_medssl.zoo.publish`; (3) unless ``--no-eval``, run ``medssl evaluate`` on the
+published zoo model's validation split and re-write the card with those metrics and that exact command.
+
+Usage (from the checkout root)::
+
+    python scripts/zoo_publish.py --run runs/unet_tiny_hippocampus --name unet_tiny_hippocampus \\
+        --data ../shared/data/hippocampus --dataset hippocampus --command "medssl finetune ..." \\
+        --description "2D U-Net (tiny) segmenting hippocampus head/body on MSD Task04 axial slices"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from napari_medssl import zoo  # noqa: E402
+from napari_medssl.models.registry import create_model, read_checkpoint, save_model  # noqa: E402
+
+DATASETS = {
+    "hippocampus": {
+        "name": "Medical Segmentation Decathlon Task04 Hippocampus (Vanderbilt), 198 labelled MRI crops",
+        "path": "../shared/data/hippocampus",
+        "licence": "CC-BY-SA 4.0",
+        "citation": "Simpson et al. 2019, arXiv:1902.09063; Antonelli et al. 2022, Nat Commun 13:4128",
+    },
+    "mias": {
+        "name": "mini-MIAS (MIAS MiniMammographic Database), 200 mammograms (normal vs abnormal)",
+        "path": "../shared/data/mammography_mias",
+        "licence": "MIAS licence: research use only; no rent, lease or sale (Licence.txt)",
+        "citation": "Suckling et al. 1994, The Mammographic Image Analysis Society digital mammogram database",
+    },
+    "medical": {
+        "name": "2D slices/images of MSD Task04 Hippocampus + mini-MIAS + TCIA Brain-Tumor-Progression "
+        "PGBM-001 (two studies: T1post, T1prereg, FLAIRreg, T2reg) and PGBM-005 T1post",
+        "path": "../shared/data/hippocampus, ../shared/data/mammography_mias, "
+        "../shared/data/dicom/tcia_btp_PGBM-001, ../shared/data/dicom/tcia_btp_PGBM-005_T1post",
+        "licence": "CC-BY-SA 4.0 (hippocampus); MIAS research-use-only licence; TCIA CC BY (data usage policy)",
+        "citation": "Simpson et al. 2019; Suckling et al. 1994; Schmainda & Prah 2018 (TCIA), Clark et al. 2013",
+    },
+}
+LICENCE = {
+    "hippocampus": "weights: CC-BY-SA 4.0 (inherits the Task04 data licence)",
+    "mias": "weights: research use only, no rent/lease/sale (inherits the MIAS licence)",
+    "medical": "weights: research use only (inherits the MIAS terms), CC-BY-SA 4.0 and TCIA CC BY attributions",
+}
+
+
+def convert(run: Path, fp16: bool, dino_backbone: bool, drop: list[str]) -> Path:
+    """The file to publish: ``best.safetensors`` as is, or re-saved (fp16 / backbone only / config trimmed)."""
+    src = run / "best.safetensors"
+    if not (fp16 or dino_backbone or drop):
+        return src
+    state, config, extra = read_checkpoint(src)
+    name = config.pop("name")
+    for key in drop:
+        config.pop(key, None)
+    if dino_backbone:
+        prefix = "teacher."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not sub:
+            raise SystemExit(f"{src}: no teacher.* tensors; keys start with {sorted({k.split('.')[0] for k in state})}")
+        dino = create_model(name, **config)
+        vit = dino.backbone
+        vit_cfg = {k: getattr(vit, k) for k in ("embed_dim", "depth", "num_heads") if hasattr(vit, k)}
+        model = create_model("vit_tiny" if name.endswith("tiny") else "vit_small", **vit_cfg)
+        own = model.state_dict()
+        sub = {k: v for k, v in sub.items() if k in own}
+        model.load_state_dict(sub, strict=True)
+        extra = {**extra, "task": "pretrain", "dino_source": f"{name} teacher backbone"}
+    else:
+        model = create_model(name, **config)
+        model.load_state_dict(state, strict=True)
+    if fp16:
+        model = model.half()
+    model.checkpoint_extra = extra
+    out = run / ("zoo_fp16.safetensors" if fp16 else "zoo.safetensors")
+    save_model(model, out, extra=extra)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--name", required=True)
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--data", help="data folder for `medssl evaluate --split val` (none: no evaluation)")
+    p.add_argument("--command", required=True, help="the exact command(s) that trained it")
+    p.add_argument("--description", required=True)
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--dino-backbone", action="store_true")
+    p.add_argument("--drop-config", action="append", default=[])
+    p.add_argument("--note", action="append", default=[])
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    args = p.parse_args()
+
+    ckpt = convert(args.run, args.fp16, args.dino_backbone, args.drop_config)
+    split = json.loads((args.run / "split.json").read_text())
+    train_cfg = json.loads((args.run / "config.json").read_text())
+    split_entry = {
+        "file": "split.json of the training run (same split for every model of this data set)",
+        "seed": split.get("seed"),
+        "val_fraction": split.get("val_fraction"),
+        "n_train": len(split["train"]),
+        "n_val": len(split["val"]),
+        "val_ids": split["val"],
+    }
+    more = {
+        "split": split_entry,
+        "training": {k: train_cfg[k] for k in ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "device")},
+        "notes": args.note,
+    }
+    common = dict(
+        description=args.description,
+        command=args.command,
+        data=DATASETS[args.dataset],
+        licence=LICENCE[args.dataset],
+        **more,
+    )
+    folder = zoo.publish(ckpt, args.name, metrics={}, metrics_command="", **common)
+    if not args.data:
+        print(folder)
+        return
+    metrics_file = args.run / "zoo_metrics.json"
+    cmd = [
+        "medssl", "evaluate", "--model", args.name, "--data", args.data, "--split", "val",
+        "--out", "metrics.json", "--device", "cpu", "--batch-size", str(args.eval_batch_size),
+    ]  # fmt: skip
+    run_cmd = [str(ROOT / ".venv/bin/medssl"), *cmd[1:]]
+    run_cmd[run_cmd.index("--out") + 1] = str(metrics_file)
+    subprocess.run(run_cmd, check=True, cwd=ROOT)
+    metrics = json.loads(metrics_file.read_text())["metrics"]
+    metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    folder = zoo.publish(ckpt, args.name, metrics=metrics, metrics_command=shlex.join(cmd), **common)
+    print(folder, json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()
