@@ -21,9 +21,13 @@ PLUGIN = "napari-medssl"
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options of ``python -m napari_medssl``."""
     parser = argparse.ArgumentParser(prog="python -m napari_medssl", description=__doc__.splitlines()[0])
-    parser.add_argument("--sample", default="hippocampus", help="sample to open (hippocampus, mammogram, ...)")
+    parser.add_argument(
+        "--sample", default="hippocampus", help="sample to open (hippocampus, mammogram, ...)"
+    )
     parser.add_argument("--image", default=None, help="open this file or DICOM folder instead of a sample")
-    parser.add_argument("--model", default=None, help="zoo model name or .safetensors checkpoint for the Model dock")
+    parser.add_argument(
+        "--model", default=None, help="zoo model name or .safetensors checkpoint for the Model dock"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda or mps")
     return parser.parse_args(argv)
 
@@ -62,7 +66,9 @@ def open_layers(viewer: Any, args: argparse.Namespace) -> Any:
 
         loader = getattr(_sample_data, args.sample, None)
         if loader is None:
-            raise ValueError(f"unknown sample {args.sample!r}; try hippocampus, mammogram, ct_nifti, ct_dicom")
+            raise ValueError(
+                f"unknown sample {args.sample!r}; try hippocampus, mammogram, ct_nifti, ct_dicom"
+            )
         layers = []
         for data, kwargs, kind in loader():
             layers.append(getattr(viewer, f"add_{kind}")(data, **kwargs))
@@ -88,7 +94,9 @@ def setup(viewer: Any, args: argparse.Namespace) -> dict[str, Any]:
         hint = args.sample if not args.image else image.name
         model = choose_model(sorted(tasks), 3 if image.ndim == 3 and not image.rgb else 2, hint, tasks)
     if model is None:
-        show_warning("The model zoo is empty: train one (see models/README) or open a .safetensors checkpoint")
+        show_warning(
+            "The model zoo is empty: train one (see models/README) or open a .safetensors checkpoint"
+        )
     else:
         docks["Model"].select(model, device=args.device)
         docks["Model"].image_combo.setCurrentText(image.name)

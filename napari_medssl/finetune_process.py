@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 TERMINAL_EVENTS = ("done", "error", "stopped")
+UNLABELLED = -1  # class index of unpainted voxels in the arrays sent to the engine (its ignore_index)
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -292,7 +293,6 @@ def finetune_events(
             out); the curve then shows how well the model fits the annotations.
     """
     import json
-    from pathlib import Path
 
     from napari_medssl.engine import ArrayData, TrainConfig, train
 
@@ -312,7 +312,8 @@ def segmentation_samples(
 ) -> dict[str, Any]:
     """Training cases from a painted Labels array (0 = unlabelled, value ``k + 1`` = class ``k``).
 
-    A 2D model on a volume gets one case per slice that holds paint (each its own split group, so
+    Labels are shifted to class indices, unlabelled voxels becoming :data:`UNLABELLED` (pass it to the
+    engine as ``ignore_index``), so the model's class names carry over to the fine-tuned checkpoint. A 2D model on a volume gets one case per slice that holds paint (each its own split group, so
     validation holds out whole slices); a 3D model gets the whole volume; a 2D image is one case.
 
     Args:
@@ -323,8 +324,8 @@ def segmentation_samples(
         rgb: the image has a trailing colour axis.
 
     Returns:
-        ``images``, ``labels``, ``ids`` (lists) and ``label_map`` ``{k + 1: k}``, ``ignore_index`` 0,
-        ``values`` (painted values found).
+        ``images``, ``labels`` (class indices, :data:`UNLABELLED` where unpainted), ``ids`` (lists),
+        ``ignore_index`` (:data:`UNLABELLED`) and ``classes`` (the class indices painted).
 
     Raises:
         ValueError: shapes differ or nothing is painted.
@@ -338,24 +339,24 @@ def segmentation_samples(
         raise ValueError(
             f"the labels layer's shape {painted.shape} differs from the image's {tuple(spatial)}"
         )
-    values = sorted(int(v) for v in np.unique(painted) if v > 0)
-    if not values:
-        raise ValueError("nothing is painted: paint some pixels (value 1 = first class) in the labels layer")
-    if min(int(painted.min()), 0) < 0:
+    if painted.size and int(painted.min()) < 0:
         raise ValueError("painted labels must be non-negative (0 = unlabelled)")
-    out: dict[str, Any] = {"values": values, "ignore_index": 0, "label_map": {v: v - 1 for v in values}}
+    classes = sorted(int(v) - 1 for v in np.unique(painted) if v > 0)
+    if not classes:
+        raise ValueError("nothing is painted: paint some pixels (value 1 = first class) in the labels layer")
+    out: dict[str, Any] = {"classes": classes, "ignore_index": UNLABELLED}
     if len(spatial) == 3 and model_dims == 2:
         moved_img = np.moveaxis(image, slice_axis, 0)
         moved_lab = np.moveaxis(painted, slice_axis, 0)
         keep = [z for z in range(moved_lab.shape[0]) if moved_lab[z].any()]
         out["images"] = [np.ascontiguousarray(moved_img[z]) for z in keep]
-        out["labels"] = [np.ascontiguousarray(moved_lab[z]).astype(np.int64) for z in keep]
+        out["labels"] = [moved_lab[z].astype(np.int64) - 1 for z in keep]
         out["ids"] = [f"slice{z}" for z in keep]
     else:
         if model_dims == 3 and len(spatial) != 3:
             raise ValueError("a 3D model needs a volume; this image is 2D")
         out["images"] = [image]
-        out["labels"] = [painted.astype(np.int64)]
+        out["labels"] = [painted.astype(np.int64) - 1]
         out["ids"] = ["image"]
     return out
 

@@ -106,6 +106,8 @@ def main() -> None:
     p.add_argument("--drop-config", action="append", default=[])
     p.add_argument("--note", action="append", default=[])
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--metrics-json", help="metrics for a model `medssl evaluate` cannot score (pretraining)")
+    p.add_argument("--metrics-command", default="", help="how --metrics-json was measured")
     args = p.parse_args()
 
     ckpt = convert(args.run, args.fp16, args.dino_backbone, args.drop_config)
@@ -131,7 +133,8 @@ def main() -> None:
         licence=LICENCE[args.dataset],
         **more,
     )
-    folder = zoo.publish(ckpt, args.name, metrics={}, metrics_command="", **common)
+    given = json.loads(args.metrics_json) if args.metrics_json else {}
+    folder = zoo.publish(ckpt, args.name, metrics=given, metrics_command=args.metrics_command, **common)
     if not args.data:
         print(folder)
         return

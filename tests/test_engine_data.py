@@ -128,7 +128,7 @@ def test_sample_set_slices_volumes_and_skips_unpainted_slices(data_dir, tmp_path
     assert (y[y_h:] == IGNORE).all() and (y[:, y_w:] == IGNORE).all()
     full = SampleSet(src.cases(), "segment", 2, 1)
     assert len(full.items) == img.shape[1]
-    assert choose_size(None, None, "segment", full.spatial_shapes(), 2) == (64, 48)
+    assert choose_size(None, None, full.spatial_shapes(), 2) == (64, 48)
 
 
 def test_sample_set_classification_resizes_whole_image(data_dir):

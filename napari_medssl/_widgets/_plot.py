@@ -25,6 +25,7 @@ class CurvePlot(QWidget):
         super().__init__(parent)
         self._names = tuple(series)
         self._points: dict[str, list[tuple[float, float]]] = {n: [] for n in self._names}
+        self._labels = {n: n for n in self._names}
         self.setMinimumHeight(140)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
 
@@ -32,6 +33,11 @@ class CurvePlot(QWidget):
         """Forget every point."""
         for pts in self._points.values():
             pts.clear()
+        self.update()
+
+    def set_label(self, series: str, label: str) -> None:
+        """Name shown in the legend for ``series`` (e.g. the validation metric)."""
+        self._labels[series] = label
         self.update()
 
     def add_point(self, series: str, x: float, y: float) -> None:
@@ -68,7 +74,7 @@ class CurvePlot(QWidget):
         for i, name in enumerate(self._names):
             pts = self._points[name]
             colour = QColor(_COLOURS[i % len(_COLOURS)])
-            self._draw_legend(p, i, name, colour, pts)
+            self._draw_legend(p, i, self._labels[name], colour, pts)
             if not pts:
                 continue
             ys = [y for _, y in pts]
@@ -108,7 +114,7 @@ class CurvePlot(QWidget):
     def _draw_legend(self, p: QPainter, i: int, name: str, colour: QColor, pts: list) -> None:
         last = f" {pts[-1][1]:.4g}" if pts else ""
         p.setPen(colour)
-        p.drawText(QRectF(46 + 150 * i, 0, 150, 16), Qt.AlignmentFlag.AlignLeft, f"— {name}{last}")
+        p.drawText(QRectF(46 + 190 * i, 0, 190, 16), Qt.AlignmentFlag.AlignLeft, f"— {name}{last}")
 
     def _draw_axis_labels(
         self, p: QPainter, plot: QRectF, i: int, y0: float, y1: float, colour: QColor

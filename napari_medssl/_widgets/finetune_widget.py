@@ -268,9 +268,13 @@ class FinetuneWidget(QWidget):
         data = np.asarray(image.data)
         if isinstance(ann, Labels):
             samples = segmentation_samples(data, np.asarray(ann.data), facts["spatial_dims"], rgb=image.rgb)
-            k = max(facts["num_classes"] if facts["task"] == "segment" else 0, max(samples["values"]))
-            samples["label_map"] = {v + 1: v for v in range(k)}
-            samples.update(task="segment", num_classes=k, class_names=None)
+            k = max(facts["num_classes"] if facts["task"] == "segment" else 0, max(samples["classes"]) + 1)
+            names = (
+                facts["class_names"]
+                if facts["task"] == "segment" and len(facts["class_names"]) == k
+                else None
+            )
+            samples.update(task="segment", num_classes=k, class_names=names)
         else:
             layers = [ly for ly in self.viewer.layers if isinstance(ly, Shapes | Points) and len(ly.data)]
             items = annotation_items(layers, image, self.point_box.value())
@@ -311,7 +315,7 @@ class FinetuneWidget(QWidget):
                 resume=False,
             )
             if samples["task"] == "segment":
-                config.update(ignore_index=0, label_map=samples["label_map"])
+                config.update(ignore_index=samples["ignore_index"])
             proc = TrainingProcess(
                 TARGET,
                 dict(
@@ -332,7 +336,6 @@ class FinetuneWidget(QWidget):
         self.best_path = None
         self.events = []
         self._t_first = None
-        self._val_name = "val"
         self.plot.clear()
         self.start_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
@@ -375,7 +378,7 @@ class FinetuneWidget(QWidget):
             metrics = ev.get("metrics") or {}
             name = next((m for m in VAL_METRICS if m in metrics), None)
             if name is not None:
-                self._val_name = name
+                self.plot.set_label("val", f"val {name}")
                 self.plot.add_point("val", ev["step"], metrics[name])
         elif kind == "checkpoint" and ev.get("best"):
             self.best_path = ev["path"]

@@ -108,6 +108,12 @@ class RunFolder:
     def best_path(self) -> Path:
         return self.dir / BEST
 
+    def start_fresh(self) -> None:
+        """Create the folder; forget an earlier run's commit record, best weights and event log."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in (LAST, BEST, "events.jsonl"):
+            (self.dir / name).unlink(missing_ok=True)
+
     def read_last(self) -> dict[str, Any] | None:
         """The ``last.json`` record, or ``None`` when the run has no checkpoint yet."""
         path = self.dir / LAST

@@ -227,7 +227,7 @@ class Trainer:
         self.val_set = SampleSet(self.val_cases, train=False, **common) if self.val_cases else None
         model_size = getattr(model, "input_size", None)
         shapes = [] if model_size or cfg.patch_size else self.train_set.spatial_shapes()
-        self.size = choose_size(model_size, cfg.patch_size, cfg.task, shapes, dims)
+        self.size = choose_size(model_size, cfg.patch_size, shapes, dims)
         self.train_set.set_size(self.size)
         if self.val_set is not None:
             self.val_set.set_size(self.size)
@@ -263,7 +263,7 @@ class Trainer:
             step = int(last["step"])
             record = {k: last.get(k) for k in record}
         elif self.rank == 0:
-            self.folder.dir.mkdir(parents=True, exist_ok=True)
+            self.folder.start_fresh()
             cfg.save(self.folder.dir / "config.json")
             save_split(
                 self.split,

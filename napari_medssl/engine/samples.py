@@ -51,7 +51,6 @@ def map_labels(label: Any, ignore_index: int | None, label_map: dict[int, int] |
 def choose_size(
     model_size: tuple[int, ...] | None,
     patch_size: tuple[int, ...] | None,
-    task: str,
     shapes: list[tuple[int, ...]],
     dims: int,
 ) -> tuple[int, ...]:

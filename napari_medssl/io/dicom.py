@@ -156,12 +156,19 @@ def _stack(
         raise MedicalImageReadError(f0.path, reason)
     dtype = np.result_type(*{decoded[id(f)][0].dtype for f, _ in kept})
     out = np.empty((len(kept), *decoded[id(kept[0][0])][0].shape[1:]), dtype=dtype)
+    # as pydicom does: mask (unsigned) or sign-extend (signed) the unused high bits of native pixel data;
+    # in place on the whole stack when every slice shares its dtype and shift (the usual case)
+    shifts = {(decoded[id(f)][0].dtype, decoded[id(f)][1]) for f, _ in kept}
+    shift_all = next(iter(shifts))[1] if len(shifts) == 1 and next(iter(shifts))[0] == dtype else 0
     for z, (f, frame) in enumerate(kept):
         frames, unused_bits = decoded[id(f)]
         pixels = frames[frame]
-        if unused_bits:  # as pydicom does: mask (unsigned) or sign-extend (signed) the unused high bits
+        if unused_bits and not shift_all:
             pixels = np.right_shift(np.left_shift(pixels, unused_bits), unused_bits)
         out[z] = pixels
+    if shift_all:
+        np.left_shift(out, shift_all, out=out)
+        np.right_shift(out, shift_all, out=out)
     slopes = np.asarray([f.slopes[frame] for f, frame in kept])
     inters = np.asarray([f.intercepts[frame] for f, frame in kept])
     return out, kept, slopes, inters

@@ -198,29 +198,42 @@ def _first(values: Any) -> Any:
     return values[0] if isinstance(values, list | tuple | pydicom.multival.MultiValue) else values
 
 
-def _floats(values: Any, n: int) -> np.ndarray | None:
-    """``n`` finite floats, or ``None`` (absent, wrong count, or a NaN/Inf in a corrupt header)."""
+def _float_list(values: Any, n: int) -> list[float] | None:
+    """``n`` finite floats, or ``None`` (absent, wrong count, or a NaN/Inf in a corrupt header).
+
+    Plain Python on purpose: these run once per file on 2-6 numbers, where numpy's call overhead
+    would cost more than the reading.
+    """
     if not values or len(values) != n:
         return None
-    out = np.asarray([float(v) for v in values], float)
-    return out if np.all(np.isfinite(out)) else None
+    out = [float(v) for v in values]
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+def _floats(values: Any, n: int) -> np.ndarray | None:
+    out = _float_list(values, n)
+    return None if out is None else np.array(out)
 
 
 def _orientation(values: Any) -> np.ndarray | None:
     """ImageOrientationPatient as two unit vectors (row, column), or ``None`` when it is not a valid one."""
-    iop = _floats(values, 6)
+    iop = _float_list(values, 6)
     if iop is None:
         return None
-    row, col = iop[:3], iop[3:]
-    norms = np.linalg.norm(row), np.linalg.norm(col)
-    if min(norms) < 0.5 or max(norms) > 1.5 or np.linalg.norm(np.cross(row / norms[0], col / norms[1])) < 0.5:
+    r, c = iop[:3], iop[3:]
+    nr, nc = math.sqrt(sum(v * v for v in r)), math.sqrt(sum(v * v for v in c))
+    if not (0.5 < nr < 1.5 and 0.5 < nc < 1.5):
         return None
-    return np.concatenate([row / norms[0], col / norms[1]])
+    r, c = [v / nr for v in r], [v / nc for v in c]
+    cross = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    if math.sqrt(sum(v * v for v in cross)) < 0.5:  # row and column directions (nearly) parallel
+        return None
+    return np.array(r + c)
 
 
 def _pixel_spacing(values: Any) -> np.ndarray | None:
-    spacing = _floats(values, 2)
-    return spacing if spacing is not None and np.all(spacing > 0) else None
+    spacing = _float_list(values, 2)
+    return np.array(spacing) if spacing is not None and min(spacing) > 0 else None
 
 
 def _positions(ds: Dataset, orientation: np.ndarray | None, frames: int) -> np.ndarray | None:
@@ -349,7 +362,7 @@ def _describe(path: Path, ds: Dataset, messages: list[str]) -> DicomFile:
         or ds.get("NominalScannedPixelSpacing")
     )
     slopes, intercepts = _rescale(ds, frames)
-    if not (np.all(np.isfinite(slopes)) and np.all(np.isfinite(intercepts))) or np.any(slopes == 0):
+    if not all(math.isfinite(v) for v in (*slopes.tolist(), *intercepts.tolist())) or 0.0 in slopes.tolist():
         raise MedicalImageReadError(
             path, "RescaleSlope/RescaleIntercept is not a usable number (NaN, Inf or a zero slope)"
         )

@@ -66,6 +66,42 @@ def _header_facts(img: nib.Nifti1Image) -> dict[str, Any]:
     return facts
 
 
+def _usable(affine: np.ndarray | None) -> bool:
+    return (
+        affine is not None and bool(np.all(np.isfinite(affine))) and abs(np.linalg.det(affine[:3, :3])) > 1e-9
+    )
+
+
+def _valid_affine(img: nib.Nifti1Image, notes: list[str]) -> np.ndarray:
+    """The file's affine, as nibabel chooses it (sform, else qform, else pixdim), or the next usable one.
+
+    A corrupt header can hold NaN/Inf or a singular matrix; then the qform, the pixdim diagonal and
+    finally 1 mm voxels are tried in turn, and ``notes`` says which was used.
+    """
+    hdr = img.header
+    candidates: list[tuple[str, Any]] = [("affine", lambda: img.affine)]
+    if int(hdr["sform_code"]) > 0:
+        candidates.append(("sform", hdr.get_sform))
+    if int(hdr["qform_code"]) > 0:
+        candidates.append(("qform", hdr.get_qform))
+    candidates.append(("pixdim", hdr.get_base_affine))
+    for i, (name, get) in enumerate(candidates):
+        try:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                affine = np.asarray(get(), float)
+        except Exception:  # nibabel raises on some corrupt quaternions
+            continue
+        if _usable(affine):
+            if i > 0:
+                notes.append(
+                    f"the header's affine is invalid (NaN/Inf or singular): the {name} was used instead"
+                )
+            return affine
+    notes.append("no usable affine in the header (NaN/Inf or singular): 1 mm voxels at the origin assumed")
+    return np.eye(4)
+
+
 def _guess_modality(data: np.ndarray) -> str:
     """CT when the image holds Hounsfield-like air values (< -500), otherwise MR."""
     return "CT" if data.size and float(data.min()) < -500 else "MR"
@@ -146,7 +182,7 @@ def read_nifti(path: str | os.PathLike, *, nan_policy: str = "raise", modality: 
             notes.append(f"{bad:,} NaN/Inf voxels replaced with 0")
             warnings.warn(MedicalImageReadWarning(f"{path}: {notes[-1]}"), stacklevel=2)
     data = np.ascontiguousarray(data.T)
-    nifti_affine = np.asarray(img.affine, float)
+    nifti_affine = _valid_affine(img, notes)
     affine = nifti_affine @ _REVERSE
     spacing_zyx, direction, origin = geometry_from_affine(affine)
     spacing = tuple(spacing_zyx[3 - data.ndim :])

@@ -561,7 +561,7 @@ def _read_state_file(path: Path) -> dict[str, Any]:
             f"unpickling them could run code ({str(err).splitlines()[-1] if str(err) else err}). "
             "Accepted: .safetensors files, or torch files of tensors/dicts that load with weights_only=True."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - RuntimeError, EOFError, OSError; SafetensorError for *.safetensors
         raise ValueError(f"{path}: not a safetensors or torch checkpoint ({err})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")

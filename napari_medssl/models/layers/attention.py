@@ -78,15 +78,19 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
     Returns:
         ``(..., M, M)``, approximately ``pinv(a)``.
     """
+    shape, m = a.shape, a.shape[-1]
+    a = a.reshape(-1, m, m)
     abs_a = a.abs()
-    norm_1 = abs_a.sum(-2).amax(-1, keepdim=True).unsqueeze(-1)
-    norm_inf = abs_a.sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
+    norm_1 = abs_a.sum(-2).amax(-1)[:, None, None]
+    norm_inf = abs_a.sum(-1).amax(-1)[:, None, None]
     z = a.transpose(-1, -2) / (norm_1 * norm_inf)
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    for _ in range(iterations):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return z
+    eye = torch.eye(m, dtype=a.dtype, device=a.device).expand_as(a)
+    for _ in range(iterations):  # few, fused batched products: the matrices are small, the op count matters
+        az = torch.bmm(a, z)
+        t = torch.baddbmm(15 * eye, az, 7 * eye - az, alpha=-1)
+        t = torch.baddbmm(3.25 * eye, az, t, alpha=-0.25)  # ¼ (13 I − A Z t)
+        z = torch.bmm(z, t)
+    return z.reshape(shape)
 
 
 def unpack_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -244,10 +248,13 @@ class _NystromKernels(torch.autograd.Function):
             run_max = new_max
         kv3 = kv3 / denom  # softmax(s Q̃ Kᵀ) V
         lse3 = run_max + denom.log()
-        w = _landmark_mix(q_land, k_land, kv3, scale, iterations)
+        with torch.enable_grad():  # keep the small (M × M) graph of W = pinv(softmax(s Q̃ K̃ᵀ)) kv3
+            leaves = [t.detach().requires_grad_(ctx.needs_input_grad[0]) for t in (q_land, k_land, kv3)]
+            w_graph = _landmark_mix(*leaves, scale, iterations)
+        w = w_graph.detach()
         out = F.scaled_dot_product_attention(q, k_land, w, scale=scale)  # softmax(s Q K̃ᵀ) W
         ctx.save_for_backward(qkv, q_land, k_land, kv3, lse3, w)
-        ctx.iterations, ctx.scale = iterations, scale
+        ctx.small_graph, ctx.scale = (leaves, w_graph), scale
         return out.transpose(1, 2).contiguous()
 
     @staticmethod
@@ -270,10 +277,7 @@ class _NystromKernels(torch.autograd.Function):
             ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)  # dS / s
             dq[..., sl, :] = ds @ k_land_s
             dk_land += ds.transpose(-1, -2) @ q_c
-        with torch.enable_grad():  # the small graph W = pinv(softmax(s Q̃ K̃ᵀ)) kv3
-            leaves = [t.detach().requires_grad_() for t in (q_land, k_land, kv3)]
-            w_again = _landmark_mix(*leaves, scale, ctx.iterations)
-            dq_land, dk_land_2, dkv3 = torch.autograd.grad(w_again, leaves, dw)
+        dq_land, dk_land_2, dkv3 = torch.autograd.grad(ctx.small_graph[1], ctx.small_graph[0], dw)
         dk_land = dk_land_2.add_(dk_land, alpha=scale)
         delta = (dkv3 * kv3).sum(-1, keepdim=True)  # rowsum(P3 ∘ dP3)
         dq_land_3 = torch.zeros_like(q_land)
