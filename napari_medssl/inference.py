@@ -151,8 +151,24 @@ def _autocast(device: torch.device) -> Any:
 
 
 def _forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(), _autocast(device):
-        return model(x.to(device)).float().cpu()
+    """Logits of ``x (N, C, *S)`` on the CPU; on out-of-memory the batch is split in halves and retried.
+
+    Raises:
+        MemoryError: even a single image or window does not fit on ``device``.
+    """
+    try:
+        with torch.inference_mode(), _autocast(device):
+            return model(x.to(device)).float().cpu()
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(x) == 1:
+            raise MemoryError(
+                f"out of memory on {device} for a single input of shape {tuple(x.shape[1:])}; "
+                "run on the CPU (device 'cpu') or use smaller windows"
+            ) from None
+    half = len(x) // 2  # outside the handler, so the failed attempt's memory is released first
+    return torch.cat([_forward(model, x[:half], device), _forward(model, x[half:], device)])
 
 
 def _windows(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> list[tuple[slice, ...]]:

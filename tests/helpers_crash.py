@@ -250,3 +250,89 @@ def crashed_autosaves(folder: Path) -> list[Any]:
     from napari_medssl import autosave
 
     return autosave.list_autosaves(folder, crashed_only=True)
+
+
+# -- start/stop fine-tuning in the viewer's training process -----------------------------------------------------
+FINETUNE_TARGET = "napari_medssl.finetune_process:finetune_events"
+
+
+def finetune_kwargs(image: np.ndarray, labels: np.ndarray, out_dir: Path) -> dict[str, Any]:
+    """What the Fine-tune dock sends its training process: painted slices of a real volume, a tiny U-Net."""
+    from napari_medssl.finetune_process import segmentation_samples
+
+    painted_labels = np.zeros_like(labels)
+    for z in range(8, 14):
+        painted_labels[z] = labels[z] + 1  # a clinician painted six slices (1 = background)
+    samples = segmentation_samples(image, painted_labels, model_dims=2)
+    config = dict(model="unet_tiny", task="segment", out_dir=str(out_dir), max_steps=100_000, batch_size=2,
+                  val_every=100_000, warmup_steps=1, device="cpu", model_overrides={"levels": 2}, resume=False,
+                  ignore_index=0, label_map=samples["label_map"])
+    return dict(images=samples["images"], labels=samples["labels"], config=config, ids=samples["ids"],
+                validate_on_train=True)
+
+
+def _descendants() -> list[Any]:
+    """This process's child processes except multiprocessing's one shared resource tracker."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" in " ".join(child.cmdline()):
+                continue
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+        out.append(child)
+    return out
+
+
+def resources() -> dict[str, Any]:
+    """RSS (MB), threads, open file descriptors and child processes of this process, after a collection."""
+    import gc
+
+    import psutil
+
+    gc.collect()
+    me = psutil.Process()
+    return {"rss_mb": me.memory_info().rss / 2**20, "threads": threading.active_count(),
+            "fds": me.num_fds(), "children": [c.pid for c in _descendants()]}
+
+
+def group_members(pgid: int) -> list[int]:
+    """Processes still in process group ``pgid`` (the training process leads its own group)."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return alive
+
+
+def start_stop(kwargs: dict[str, Any], mode: str, delay: float = 0.0, timeout: float = 180.0) -> dict[str, Any]:
+    """Start a training process and stop it: at once (``"now"``), after ``delay`` s (``"delay"``), or after its
+    first step event (``"step"``). Returns what happened: events seen, stop time, exit code, leftovers."""
+    from napari_medssl.finetune_process import TrainingProcess
+
+    proc = TrainingProcess(FINETUNE_TARGET, kwargs, num_threads=1)
+    proc.start()
+    pid = proc.pid
+    seen: list[dict] = []
+    if mode == "delay":
+        time.sleep(delay)
+    elif mode == "step":
+        t0 = time.perf_counter()
+        while not any(e.get("event") == "step" for e in seen) and time.perf_counter() - t0 < timeout:
+            seen += proc.poll()
+            if any(e.get("event") == "error" for e in seen):
+                break
+            time.sleep(0.05)
+    stop_s = proc.stop()
+    final = proc.poll()
+    assert pid is not None
+    return {"pid": pid, "events": [e.get("event") for e in seen + final], "stop_s": stop_s,
+            "exitcode": proc.exitcode, "alive": proc.is_alive(), "group": group_members(pid),
+            "errors": [e.get("message") for e in seen if e.get("event") == "error"]}

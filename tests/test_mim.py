@@ -12,6 +12,8 @@ from napari_medssl.models.layers.patch_embed3d import PatchEmbed3d, sincos_3d
 from napari_medssl.models.mim import nested_cell_masks, nested_masks
 from napari_medssl.transforms import normalize_intensity
 
+LIGHT = {"conv_dims": (8, 16, 32), "embed_dim": 48, "depth": 2, "num_heads": 2, "decoder_dim": 48}
+
 
 def test_nested_masks_nest_and_follow_the_ratios():
     masks = nested_masks((35, 51, 35), ratios=(0.5, 0.6, 0.5), seed=3)
@@ -49,7 +51,7 @@ def test_pretrain_loss_on_a_real_volume(data_dir):
     volume = normalize_intensity(np.asarray(nib.load(path).dataobj))
     x = torch.from_numpy(volume)[None, None]  # (1, 1, 35, 51, 35)
     torch.manual_seed(0)
-    model = create_model("mim_tiny")
+    model = create_model("mim_tiny", **LIGHT)
     out = model.pretrain_loss(x, generator=torch.Generator().manual_seed(0))
     assert set(out) == {"loss", "recon_0", "recon_1", "recon_2", "align_0_1", "align_1_2"}
     assert all(torch.isfinite(v) for v in out.values())
@@ -65,7 +67,7 @@ def test_pretrain_loss_on_a_real_volume(data_dir):
 def test_each_level_reconstructs_exactly_its_masked_voxels():
     """The gradient of ``recon_l`` reaches the decoder's prediction at level ``l``'s masked voxels and nowhere else."""
     torch.manual_seed(0)
-    model = create_model("mim_tiny", depth=1)
+    model = create_model("mim_tiny", **{**LIGHT, "depth": 1})
     x = torch.rand(1, 1, 32, 32, 32)
     preds: list[torch.Tensor] = []
 
@@ -87,7 +89,7 @@ def test_each_level_reconstructs_exactly_its_masked_voxels():
 
 
 def test_padding_and_alternative_levels():
-    model = create_model("mim_tiny", depth=1, mask_ratios=(0.5, 0.5), cell_size=8).eval()
+    model = create_model("mim_tiny", **{**LIGHT, "depth": 1}, mask_ratios=(0.5, 0.5), cell_size=8).eval()
     x = torch.rand(1, 1, 19, 23, 17)
     with torch.no_grad():
         assert model(x).shape == (1, 3, 19, 23, 17)

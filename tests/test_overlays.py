@@ -25,7 +25,7 @@ def mammo(data_dir):
 @pytest.fixture(scope="module")
 def dino():
     torch.manual_seed(0)
-    return create_model("dino_tiny", depth=2).eval()
+    return create_model("dino_tiny", depth=2, out_dim=256, hidden_dim=64).eval()
 
 
 def hippo_plane(hippo, z=17):
@@ -87,7 +87,7 @@ def test_dino_overlays_maps_masks_and_geometry(hippo, dino):
 def test_dino_masks_grow_with_threshold_and_head_selects(hippo, dino):
     plane = hippo_plane(hippo)
     sizes = []
-    for t in (0.3, 0.6, 0.9, 1.0):
+    for t in (0.3, 0.6, 1.0):
         (mask,) = [ly for ly in ov.dino_overlays(dino, plane, threshold=t, head=1) if ly.kind == "labels"]
         sizes.append(mask.data > 0)
     for small, big in zip(sizes, sizes[1:]):
@@ -126,7 +126,7 @@ def test_msmae_pattern_ratios_seed_and_guidance(hippo):
     # guided: over many seeds, masked or thrown pixels carry more attention weight than kept ones
     w = weights.data[0]
     hidden, kept = [], []
-    for s in range(20):
+    for s in range(8):
         lab = ov.msmae_overlays(model, plane, seed=s)[1].data[0]
         hidden.append(w[lab > 1].mean())
         kept.append(w[lab == 1].mean())

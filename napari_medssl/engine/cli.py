@@ -33,7 +33,7 @@ examples:
   torchrun --nproc_per_node=2 -m napari_medssl.engine.cli finetune ...   (DDP: one process per GPU/CPU share)
 """
 
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, MemoryError)
 
 
 class _Parser(argparse.ArgumentParser):

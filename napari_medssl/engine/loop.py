@@ -321,14 +321,20 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 model.train()
-                with amp:
-                    loss = wrapped(x, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at step {step + 1}; lower the learning rate (--lr)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    with amp:
+                        loss = wrapped(x, y)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss is {loss.item()} at step {step + 1}; lower the learning rate (--lr)"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                except torch.OutOfMemoryError:
+                    raise MemoryError(
+                        f"out of memory on {self.device} at step {step + 1} with batch size {cfg.batch_size}; "
+                        "lower the batch size (--batch-size) or train on the CPU (--device cpu)"
+                    ) from None
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()

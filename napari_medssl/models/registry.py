@@ -177,7 +177,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         model = create_model(name, **config)
     except TypeError as err:  # a config key the builder does not take (a damaged or foreign checkpoint)
-        raise ValueError(f"{path}: cannot build {name} from the checkpoint's config {config}: {err}") from None
+        raise ValueError(
+            f"{path}: cannot build {name} from the checkpoint's config {config}: {err}"
+        ) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
