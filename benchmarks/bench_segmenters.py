@@ -102,7 +102,9 @@ def cost_table(size: str, repeats: int) -> None:
                 x = slice_2d if dims == 2 else volume
                 kwargs_dims = dims if family in ("unet", "emfformer") else 0
                 rows.append((name, dims, tuple(x.shape[2:]), measure(name, kwargs_dims, x, repeats)))
-    print(f"\n| model | input | params | GFLOPs | CPU ms (median of {repeats}) | inference peak MiB | train-step peak MiB |")
+    print(
+        f"\n| model | input | params | GFLOPs | CPU ms (median of {repeats}) | inference peak MiB | train-step peak MiB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, dims, shape, r in rows:
         print(
@@ -167,15 +169,23 @@ def dice_race(size: str, steps: int, batch: int = 16) -> None:
                 for k in (1, 2):
                     denom = (pred == k).sum() + (lab == k).sum()
                     dices.append(2 * ((pred == k) & (lab == k)).sum() / denom if denom else 1.0)
-        print(f"{family}_{size}: {steps} steps in {train_s:.0f} s, val mean foreground Dice {np.mean(dices):.4f}")
+        print(
+            f"{family}_{size}: {steps} steps in {train_s:.0f} s, val mean foreground Dice {np.mean(dices):.4f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", help="size tier: tiny, small or base (families lacking it use tiny)")
+    parser.add_argument(
+        "--size", default="tiny", help="size tier: tiny, small or base (families lacking it use tiny)"
+    )
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--dice-steps", type=int, default=0, help="also train 2D unet vs emfformer this many steps")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine sane)")
+    parser.add_argument(
+        "--dice-steps", type=int, default=0, help="also train 2D unet vs emfformer this many steps"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 keeps a shared machine sane)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -101,6 +101,9 @@ def setup(viewer: Any, args: argparse.Namespace) -> dict[str, Any]:
         docks["Model"].select(model, device=args.device)
         docks["Model"].image_combo.setCurrentText(image.name)
     docks["Fine-tune"].image_combo.setCurrentText(image.name)
+    if model is not None and image.ndim == 3 and not image.rgb:
+        docks["Fine-tune"].new_labels_layer()  # ready to paint: 0 = unlabelled, k + 1 = class k
+        viewer.layers.selection.active = image
     docks["Attention & masking"].image_combo.setCurrentText(image.name)
     if image.ndim == 3:
         viewer.dims.set_current_step(0, image.data.shape[0] // 2)

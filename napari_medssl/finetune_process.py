@@ -70,9 +70,11 @@ def resolve_target(target: str) -> Callable[..., Iterator[dict]]:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Exit the child as soon as its parent is gone (re-parented to init or a subreaper)."""
+    """End the child and its own children as soon as the parent is gone (re-parented to init or a subreaper)."""
     while True:
         if os.getppid() != parent_pid:
+            if hasattr(os, "killpg") and os.getpgrp() == os.getpid():
+                os.killpg(os.getpgrp(), signal.SIGKILL)  # this process leads the group: the whole tree
             os._exit(3)
         time.sleep(0.25)
 

@@ -163,9 +163,9 @@ def _forward(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.T
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if len(x) == 1:
+            advice = "run on the CPU (device 'cpu')" if device.type != "cpu" else "free some memory"
             raise MemoryError(
-                f"out of memory on {device} for a single input of shape {tuple(x.shape[1:])}; "
-                "run on the CPU (device 'cpu') or use smaller windows"
+                f"out of memory on {device} for a single input of shape {tuple(x.shape[1:])}; {advice}"
             ) from None
     half = len(x) // 2  # outside the handler, so the failed attempt's memory is released first
     return torch.cat([_forward(model, x[:half], device), _forward(model, x[half:], device)])

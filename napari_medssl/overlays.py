@@ -28,6 +28,20 @@ from typing import Any
 import numpy as np
 
 HEAD_COLORMAPS = ("magenta", "green", "cyan", "yellow", "red", "blue", "bop orange", "bop purple")
+HEAD_COLORS = ((1, 0, 1), (0, 1, 0), (0, 1, 1), (1, 1, 0), (1, 0, 0), (0, 0, 1), (1, 0.55, 0), (0.6, 0.2, 1))
+MSMAE_COLORS = {1: (0.2, 0.85, 0.3, 0.25), 2: (0.15, 0.45, 1.0, 0.6), 3: (0.0, 0.0, 0.0, 0.8)}
+MIM_COLORS = {
+    1: (1.0, 0.85, 0.1, 0.3),
+    2: (1.0, 0.45, 0.0, 0.5),
+    3: (0.9, 0.0, 0.25, 0.7),
+    4: (0.5, 0.0, 0.6, 0.8),
+}
+CLEAR = (0.0, 0.0, 0.0, 0.0)
+
+
+def label_colors(colors: dict[int, Sequence[float]]) -> dict[Any, tuple[float, ...]]:
+    """A labels colour table (value → RGBA), everything else transparent."""
+    return {None: CLEAR, 0: CLEAR, **{int(k): tuple(float(c) for c in v) for k, v in colors.items()}}
 
 
 @dataclass(frozen=True)
@@ -269,6 +283,7 @@ def dino_overlays(
                 "colormap": HEAD_COLORMAPS[h % len(HEAD_COLORMAPS)],
                 "blending": "additive",
                 "contrast_limits": (0.0, 1.0),
+                "opacity": 0.7,
             }
             out.append(
                 _layer(
@@ -282,7 +297,12 @@ def dino_overlays(
             )
     for h in heads:
         labels = masks[h].astype(np.uint8) * np.uint8(h + 1)
-        style = {"opacity": 0.4, "visible": head is not None or h == 0}
+        colour = (*HEAD_COLORS[h % len(HEAD_COLORS)], 1.0)
+        style = {
+            "colormap": label_colors({h + 1: colour}),
+            "contour": 1,
+            "visible": head is not None or h == 0,
+        }
         out.append(
             _layer(
                 plane,
@@ -333,7 +353,7 @@ def msmae_overlays(model: Any, plane: Plane, seed: int = 0, device: Any = "cpu")
             "image",
             "MSMAE weights",
             w,
-            {"colormap": "inferno", "blending": "additive", "contrast_limits": (0.0, 1.0)},
+            {"colormap": "inferno", "blending": "additive", "contrast_limits": (0.0, 1.0), "opacity": 0.6},
             meta,
         ),
         _layer(
@@ -341,7 +361,7 @@ def msmae_overlays(model: Any, plane: Plane, seed: int = 0, device: Any = "cpu")
             "labels",
             f"MSMAE keep/mask/throw (seed {seed})",
             lab,
-            {"opacity": 0.45},
+            {"colormap": label_colors(MSMAE_COLORS)},
             {**meta, "fractions": fractions},
         ),
     ]
@@ -394,7 +414,7 @@ def mae_overlays(
             "labels",
             f"MAE mask ({mask_ratio:.0%}, seed {seed})",
             mask.astype(np.uint8),
-            {"opacity": 0.3},
+            {"colormap": label_colors({1: (0.15, 0.45, 1.0, 0.3)})},
             meta,
         ),
     ]
@@ -408,6 +428,7 @@ def mim_overlays(
     scale: Sequence[float] | None = None,
     translate: Sequence[float] | None = None,
     model: Any = None,
+    cell_size: int | None = None,
 ) -> list[OverlayLayer]:
     """MiM's nested 3D masks on a volume, one Labels layer whose value is the deepest level masked.
 
@@ -420,11 +441,11 @@ def mim_overlays(
         seed: seed of the masks.
         scale: the volume's scale.
         translate: the volume's translate.
-        model: a MiM model; its ``nested_masks`` method is used when it has one (its own patch sizes),
-            else ``models.mim.nested_masks``.
+        model: a MiM model: its ``cell_size`` (level-0 cell side in voxels) is used.
+        cell_size: the level-0 cell side when there is no model (default 16); must split in halves per level.
 
     Raises:
-        ValueError: not a 3D shape, or ratios outside (0, 1).
+        ValueError: not a 3D shape, ratios outside (0, 1), or a cell size that does not halve per level.
     """
     from napari_medssl.models import mim
 
@@ -433,8 +454,8 @@ def mim_overlays(
         raise ValueError(f"MiM masks are 3D: expected a (Z, Y, X) volume shape, got {shape}")
     if not ratios or any(not 0.0 < float(r) < 1.0 for r in ratios):
         raise ValueError(f"each MiM ratio must be in (0, 1), got {tuple(ratios)}")
-    make = getattr(model, "nested_masks", None) or mim.nested_masks
-    masks = make(shape, tuple(float(r) for r in ratios), int(seed))
+    cell = int(cell_size or getattr(model, "cell_size", 0) or 16)
+    masks = mim.nested_masks(shape, tuple(float(r) for r in ratios), int(seed), cell_size=cell)
     levels = np.zeros(shape, dtype=np.uint8)
     fractions = []
     for k, mask in enumerate(masks):
@@ -447,9 +468,16 @@ def mim_overlays(
     nd = len(shape)
     scale = tuple(float(s) for s in (scale if scale is not None else [1.0] * nd))
     translate = tuple(float(t) for t in (translate if translate is not None else [0.0] * nd))
-    meta = {"method": "mim", "ratios": [float(r) for r in ratios], "seed": int(seed), "fractions": fractions}
+    meta = {
+        "method": "mim",
+        "ratios": [float(r) for r in ratios],
+        "seed": int(seed),
+        "cell_size": cell,
+        "fractions": fractions,
+    }
     name = f"MiM nested masks ({', '.join(f'{r:g}' for r in ratios)}; seed {seed})"
-    return [OverlayLayer("labels", name, levels, scale, translate, {"opacity": 0.45}, meta)]
+    colors = {k: MIM_COLORS[min(k, max(MIM_COLORS))] for k in range(1, len(masks) + 1)}
+    return [OverlayLayer("labels", name, levels, scale, translate, {"colormap": label_colors(colors)}, meta)]
 
 
 def _resize_3d_nearest(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

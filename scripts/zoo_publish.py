@@ -23,8 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -53,6 +51,11 @@ DATASETS = {
         "citation": "Simpson et al. 2019; Suckling et al. 1994; Schmainda & Prah 2018 (TCIA), Clark et al. 2013",
     },
 }
+SPLIT_FILES = {
+    "hippocampus": "models/splits/hippocampus_seed0.json (--split-file; the same for every hippocampus model)",
+    "mias": "models/splits/mias_seed0.json (--split-file; the same for every mini-MIAS model)",
+    "medical": "the run's own seeded split (seed 0, 20% of cases per data set held out)",
+}
 LICENCE = {
     "hippocampus": "weights: CC-BY-SA 4.0 (inherits the Task04 data licence)",
     "mias": "weights: research use only, no rent/lease/sale (inherits the MIAS licence)",
@@ -73,7 +76,9 @@ def convert(run: Path, fp16: bool, dino_backbone: bool, drop: list[str]) -> Path
         prefix = "teacher."
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not sub:
-            raise SystemExit(f"{src}: no teacher.* tensors; keys start with {sorted({k.split('.')[0] for k in state})}")
+            raise SystemExit(
+                f"{src}: no teacher.* tensors; keys start with {sorted({k.split('.')[0] for k in state})}"
+            )
         dino = create_model(name, **config)
         vit = dino.backbone
         vit_cfg = {k: getattr(vit, k) for k in ("embed_dim", "depth", "num_heads") if hasattr(vit, k)}
@@ -114,7 +119,7 @@ def main() -> None:
     split = json.loads((args.run / "split.json").read_text())
     train_cfg = json.loads((args.run / "config.json").read_text())
     split_entry = {
-        "file": "split.json of the training run (same split for every model of this data set)",
+        "file": SPLIT_FILES[args.dataset],
         "seed": split.get("seed"),
         "val_fraction": split.get("val_fraction"),
         "n_train": len(split["train"]),
@@ -123,7 +128,9 @@ def main() -> None:
     }
     more = {
         "split": split_entry,
-        "training": {k: train_cfg[k] for k in ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "device")},
+        "training": {
+            k: train_cfg[k] for k in ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "device")
+        },
         "notes": args.note,
     }
     common = dict(

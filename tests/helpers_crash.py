@@ -114,9 +114,20 @@ def train_config(data: str, out: str, max_steps: int) -> Any:
     """A tiny U-Net segmentation run with a validation and a checkpoint after every step."""
     from napari_medssl.engine import TrainConfig
 
-    return TrainConfig(model="unet_tiny", task="segment", data=data, out_dir=out, max_steps=max_steps,
-                       batch_size=2, val_every=1, warmup_steps=1, lr=3e-3, model_overrides={"levels": 2},
-                       device="cpu", num_workers=0)
+    return TrainConfig(
+        model="unet_tiny",
+        task="segment",
+        data=data,
+        out_dir=out,
+        max_steps=max_steps,
+        batch_size=2,
+        val_every=1,
+        warmup_steps=1,
+        lr=3e-3,
+        model_overrides={"levels": 2},
+        device="cpu",
+        num_workers=0,
+    )
 
 
 def train_driver() -> None:
@@ -152,8 +163,13 @@ def autosave_driver() -> None:
     version = 0
     while True:
         version += 1
-        autosave.save_labels(painted(base, version), "hippocampus_001", "Labels", scale=(1.0, 1.0, 1.0),
-                             translate=(0.0, 0.0, 0.0))
+        autosave.save_labels(
+            painted(base, version),
+            "hippocampus_001",
+            "Labels",
+            scale=(1.0, 1.0, 1.0),
+            translate=(0.0, 0.0, 0.0),
+        )
         print(version, flush=True)
         time.sleep(0.002)
 
@@ -165,7 +181,10 @@ class Child:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"import helpers_crash; helpers_crash.{program}()", json.dumps(args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         self.lines: list[str] = []
         self.first_line = threading.Event()
@@ -264,11 +283,27 @@ def finetune_kwargs(image: np.ndarray, labels: np.ndarray, out_dir: Path) -> dic
     for z in range(8, 14):
         painted_labels[z] = labels[z] + 1  # a clinician painted six slices (1 = background)
     samples = segmentation_samples(image, painted_labels, model_dims=2)
-    config = dict(model="unet_tiny", task="segment", out_dir=str(out_dir), max_steps=100_000, batch_size=2,
-                  val_every=100_000, warmup_steps=1, device="cpu", model_overrides={"levels": 2}, resume=False,
-                  ignore_index=0, label_map=samples["label_map"])
-    return dict(images=samples["images"], labels=samples["labels"], config=config, ids=samples["ids"],
-                validate_on_train=True)
+    config = dict(
+        model="unet_tiny",
+        task="segment",
+        out_dir=str(out_dir),
+        max_steps=100_000,
+        batch_size=2,
+        val_every=100_000,
+        warmup_steps=1,
+        device="cpu",
+        model_overrides={"levels": 2},
+        resume=False,
+        num_classes=3,
+    )
+    config.update({k: samples[k] for k in ("ignore_index", "label_map") if k in samples})
+    return dict(
+        images=samples["images"],
+        labels=samples["labels"],
+        config=config,
+        ids=samples["ids"],
+        validate_on_train=True,
+    )
 
 
 def _descendants() -> list[Any]:
@@ -294,8 +329,12 @@ def resources() -> dict[str, Any]:
 
     gc.collect()
     me = psutil.Process()
-    return {"rss_mb": me.memory_info().rss / 2**20, "threads": threading.active_count(),
-            "fds": me.num_fds(), "children": [c.pid for c in _descendants()]}
+    return {
+        "rss_mb": me.memory_info().rss / 2**20,
+        "threads": threading.active_count(),
+        "fds": me.num_fds(),
+        "children": [c.pid for c in _descendants()],
+    }
 
 
 def group_members(pgid: int) -> list[int]:
@@ -312,7 +351,9 @@ def group_members(pgid: int) -> list[int]:
     return alive
 
 
-def start_stop(kwargs: dict[str, Any], mode: str, delay: float = 0.0, timeout: float = 180.0) -> dict[str, Any]:
+def start_stop(
+    kwargs: dict[str, Any], mode: str, delay: float = 0.0, timeout: float = 180.0
+) -> dict[str, Any]:
     """Start a training process and stop it: at once (``"now"``), after ``delay`` s (``"delay"``), or after its
     first step event (``"step"``). Returns what happened: events seen, stop time, exit code, leftovers."""
     from napari_medssl.finetune_process import TrainingProcess
@@ -333,6 +374,12 @@ def start_stop(kwargs: dict[str, Any], mode: str, delay: float = 0.0, timeout: f
     stop_s = proc.stop()
     final = proc.poll()
     assert pid is not None
-    return {"pid": pid, "events": [e.get("event") for e in seen + final], "stop_s": stop_s,
-            "exitcode": proc.exitcode, "alive": proc.is_alive(), "group": group_members(pid),
-            "errors": [e.get("message") for e in seen if e.get("event") == "error"]}
+    return {
+        "pid": pid,
+        "events": [e.get("event") for e in seen + final],
+        "stop_s": stop_s,
+        "exitcode": proc.exitcode,
+        "alive": proc.is_alive(),
+        "group": group_members(pid),
+        "errors": [e.get("message") for e in seen if e.get("event") == "error"],
+    }

@@ -81,7 +81,21 @@ def seed_bytes(data_dir: Path) -> dict[str, bytes]:
 
 
 # -- byte-level mutations -------------------------------------------------------------------------------------
-INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0x8000, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 10**9, 2**40]
+INTERESTING = [
+    0,
+    1,
+    0x7F,
+    0x80,
+    0xFF,
+    0x7FFF,
+    0x8000,
+    0xFFFF,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    10**9,
+    2**40,
+]
 
 
 def _pos(rng: np.random.Generator, n: int, header: int = 2048) -> int:
@@ -392,9 +406,7 @@ MUTATORS = (*BYTE_MUTATORS, "field", "field", "inner")
 """The mutator names, structured ones weighted double."""
 
 
-def make_input(
-    seeds: dict[str, bytes], seed: str, mutator: str, salt: int, folder: Path
-) -> tuple[Path, str]:
+def make_input(seeds: dict[str, bytes], seed: str, mutator: str, salt: int, folder: Path) -> tuple[Path, str]:
     """Write one mutated file into ``folder``; return its path and a description of the mutation."""
     rng = np.random.default_rng(salt)
     try:
@@ -409,16 +421,31 @@ def make_input(
 
 # -- tiny files claiming 10^12 voxels ---------------------------------------------------------------------------
 def huge_claims(data_dir: Path, folder: Path) -> dict[str, Path]:
-    """A DICOM, a ``.nii``, a ``.nii.gz`` and a PNG, each ~1 KB or less, each claiming 10^12 voxels."""
+    """A DICOM, a ``.nii``, a ``.nii.gz`` and a PNG, each ~1 KB or less, each claiming 10^12 voxels; and a
+    ``.nii.gz`` of 88 bytes claiming 1.07e9 voxels (2 GB), just under the voxel limit."""
     import pydicom
 
     seeds = seed_bytes(data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     ds = pydicom.dcmread(io.BytesIO(seeds["dicom_mr"]))
-    keep = {"SOPClassUID", "Modality", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
-            "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation", "PixelSpacing",
-            "ImagePositionPatient", "ImageOrientationPatient", "SeriesInstanceUID", "PixelData"}
+    keep = {
+        "SOPClassUID",
+        "Modality",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "PixelSpacing",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "SeriesInstanceUID",
+        "PixelData",
+    }
     for elem in list(ds):
         if elem.keyword not in keep:
             del ds[elem.tag]
@@ -427,10 +454,16 @@ def huge_claims(data_dir: Path, folder: Path) -> dict[str, Path]:
     path = folder / "claims_1e12.dcm"
     ds.save_as(path, enforce_file_format=False)
     out["dicom"] = path
-    nii = set_nifti_fields(seeds["nifti_raw"][:352] + b"\x00" * 16, {"dim": [3, 10000, 10000, 10000, 1, 1, 1, 1]})
+    nii = set_nifti_fields(
+        seeds["nifti_raw"][:352] + b"\x00" * 16, {"dim": [3, 10000, 10000, 10000, 1, 1, 1, 1]}
+    )
     (folder / "claims_1e12.nii").write_bytes(nii)
     (folder / "claims_1e12.nii.gz").write_bytes(gzip.compress(nii))
     out["nifti"], out["nifti_gz"] = folder / "claims_1e12.nii", folder / "claims_1e12.nii.gz"
+    # under the voxel limit (32767^2 = 1.07e9 int16 voxels, 2 GB) but far more than 88 gzip bytes can inflate to
+    under = set_nifti_fields(nii, {"dim": [3, 32767, 32767, 1, 1, 1, 1, 1], "datatype": 4, "bitpix": 16})
+    (folder / "claims_1e9.nii.gz").write_bytes(gzip.compress(under))
+    out["nifti_gz_under_limit"] = folder / "claims_1e9.nii.gz"
     chunks = png_chunks(seeds["png"])
     ihdr = struct.pack(">IIBBBBB", 10**6, 10**6, 8, 0, 0, 0, 0)  # 10^12 gray pixels
     png = png_bytes([[b"IHDR", ihdr], [b"IDAT", zlib.compress(b"\x00" * 4096)], [b"IEND", b""]])
@@ -506,8 +539,11 @@ def worker_main() -> None:
             del layers
         except BaseException as err:  # classify everything; the parent decides what is acceptable
             kind = type(err).__name__
-            answer = {"outcome": "refused" if kind in DOCUMENTED else "unexpected", "exc": kind,
-                      "message": str(err)[:500]}
+            answer = {
+                "outcome": "refused" if kind in DOCUMENTED else "unexpected",
+                "exc": kind,
+                "message": str(err)[:500],
+            }
         answer["seconds"] = time.perf_counter() - t0
         if trace:
             answer["traced_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
@@ -533,11 +569,20 @@ class ReaderWorker:
         self.restarts = 0
 
     def _start(self) -> None:
-        env = {**os.environ, "MEDSSL_FUZZ_AS_LIMIT": str(self.as_limit), "OMP_NUM_THREADS": "1",
-               "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}
+        env = {
+            **os.environ,
+            "MEDSSL_FUZZ_AS_LIMIT": str(self.as_limit),
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "import helpers_fuzz; helpers_fuzz.worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
         )
         self.reads = 0
         line = self._readline(120.0)

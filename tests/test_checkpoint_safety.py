@@ -41,8 +41,10 @@ class TouchOnUnpickle:
 def evil_checkpoint(path: Path, marker: Path) -> Path:
     """A torch checkpoint with real U-Net weights and the payload next to them."""
     model = create_model("unet_tiny", **TINY_UNET)
-    torch.save({"state_dict": model.state_dict(), "config": dict(model.config), "hook": TouchOnUnpickle(marker)},
-               path)
+    torch.save(
+        {"state_dict": model.state_dict(), "config": dict(model.config), "hook": TouchOnUnpickle(marker)},
+        path,
+    )
     return path
 
 
@@ -88,13 +90,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=150)
 
 
-def test_medssl_predict_refuses_a_pickle_in_one_line(evil: dict[str, Path], data_dir: Path, tmp_path: Path) -> None:
+def test_medssl_predict_refuses_a_pickle_in_one_line(
+    evil: dict[str, Path], data_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "labels.nii.gz"
-    proc = _cli("predict", "--model", str(evil[".pt"]), "--input", str(data_dir / HIPPO), "--output", str(out))
+    proc = _cli(
+        "predict", "--model", str(evil[".pt"]), "--input", str(data_dir / HIPPO), "--output", str(out)
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("medssl predict: error:") and "safetensors" in lines[0] and "evil.pt" in lines[0]
+    assert (
+        lines[0].startswith("medssl predict: error:") and "safetensors" in lines[0] and "evil.pt" in lines[0]
+    )
     assert not out.exists() and not evil["marker"].exists()
 
 
@@ -105,7 +113,14 @@ def test_every_cli_command_refuses_a_renamed_pickle(
     model = str(evil[".safetensors"])
     args = {
         "predict": ["--input", str(data_dir / HIPPO), "--output", str(tmp_path / "l.nii.gz")],
-        "finetune": ["--task", "segment", "--data", str(data_dir / "hippocampus"), "--out", str(tmp_path / "r")],
+        "finetune": [
+            "--task",
+            "segment",
+            "--data",
+            str(data_dir / "hippocampus"),
+            "--out",
+            str(tmp_path / "r"),
+        ],
         "evaluate": ["--data", str(data_dir / "hippocampus"), "--out", str(tmp_path / "m.json")],
         "pretrain": ["--data", str(data_dir / "hippocampus"), "--out", str(tmp_path / "r")],
     }[command]
@@ -115,20 +130,27 @@ def test_every_cli_command_refuses_a_renamed_pickle(
     assert not evil["marker"].exists()
 
 
-def test_a_checkpoint_config_cannot_name_arbitrary_code(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_checkpoint_config_cannot_name_arbitrary_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The config JSON in a safetensors file only selects registered builders and their keyword arguments."""
     model = create_model("unet_tiny", **TINY_UNET)
     good = save_model(model, tmp_path / "good.safetensors")
     state, config, _ = read_checkpoint(good)
     from safetensors.torch import save_file
 
-    for name, cfg in {"import": {"name": "__import__"}, "kwargs": {**config, "no_such_option": 1},
-                      "nested": {**config, "levels": {"__class__": "os.system"}}}.items():
+    for name, cfg in {
+        "import": {"name": "__import__"},
+        "kwargs": {**config, "no_such_option": 1},
+        "nested": {**config, "levels": {"__class__": "os.system"}},
+    }.items():
         path = tmp_path / f"{name}.safetensors"
         save_file(state, str(path), metadata={"config": json.dumps(cfg), "extra": "{}"})
         with pytest.raises(ValueError):
             load_model(path)
-        assert medssl(["predict", "--model", str(path), "--input", str(tmp_path), "--output", "x.nii.gz"]) == 1
+        assert (
+            medssl(["predict", "--model", str(path), "--input", str(tmp_path), "--output", "x.nii.gz"]) == 1
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in "\n".join(err), err
 

@@ -14,6 +14,7 @@ from napari_medssl.engine.augment import IGNORE, augment_batch, random_affine, r
 from napari_medssl.engine.data import (
     ArrayData,
     DicomFolder,
+    ImageFolder,
     MedMNIST,
     MiasFolder,
     MSDFolder,
@@ -158,3 +159,20 @@ def test_flips_and_affine_keep_labels_consistent():
     a2 = augment_batch(img, mask, torch.Generator().manual_seed(5))
     assert torch.equal(a1[0], a2[0]) and torch.equal(a1[1], a2[1])
     assert float(a1[0].min()) >= 0 and float(a1[0].max()) <= 1
+
+
+def test_image_folder_with_labels_csv(data_dir, tmp_path):
+    names = sorted(p.name for p in (data_dir / "mammography_mias").glob("*.png"))[:4]
+    for n in names:
+        (tmp_path / n).symlink_to(data_dir / "mammography_mias" / n)
+    rows = ["image,label,group"] + [
+        f"{n},{'dense' if i % 2 else 'fatty'},p{i // 2}" for i, n in enumerate(names)
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    src = open_data(tmp_path)
+    assert isinstance(src, ImageFolder) and src.task == "classify"
+    assert src.class_names == ["dense", "fatty"]
+    cases = src.cases()
+    assert [c.class_label for c in cases] == [1, 0, 1, 0] and cases[0].group == cases[1].group == "p0"
+    img, label = cases[1].load()
+    assert img.shape == (1, 1024, 1024) and label == 0

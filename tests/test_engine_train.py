@@ -155,6 +155,7 @@ def test_painted_labels_train_with_ignore_index(data_dir, tmp_path):
     cfg.data, cfg.out_dir, cfg.max_steps, cfg.val_every = single, str(tmp_path / "one"), 1, 1
     done = list(train(cfg))[-1]
     assert done["best_path"] and load_model(done["best_path"]).num_classes == 3
+    assert read_checkpoint(done["best_path"])[2]["label_values"] == [1, 2, 3]  # classes → painted values
 
 
 def test_classification_and_pretraining_on_mias(data_dir, tmp_path):
@@ -223,3 +224,39 @@ def test_wrong_task_and_bad_model_fail_before_training(msd, tmp_path, data_dir):
         next(train(seg_config(msd, tmp_path / "b", model="no_such_model")))
     with pytest.raises(ValueError, match="no pretrain_loss"):
         next(train(seg_config(msd, tmp_path / "c", task="pretrain")))
+
+
+def test_medmnist_rgb_classifier_and_mixed_source_pretraining(data_dir, tmp_path):
+    rgb = TrainConfig(
+        model="vit_tiny",
+        task="classify",
+        data=str(data_dir / "medmnist/retinamnist.npz"),
+        out_dir=str(tmp_path / "retina"),
+        max_steps=1,
+        batch_size=8,
+        val_every=1,
+        model_overrides={**TINY_VIT, "img_size": 28, "patch_size": 7},
+    )
+    trainer = Trainer(rgb)
+    done = list(trainer.run())[-1]
+    assert trainer.model.in_chans == 3 and trainer.num_classes == 5
+    assert done["metrics"]["n_samples"] == 120.0  # the official validation split
+    mixed = TrainConfig(
+        model="mae_tiny",
+        task="pretrain",
+        out_dir=str(tmp_path / "mixed"),
+        max_steps=1,
+        batch_size=4,
+        val_every=1,
+        model_overrides=dict(TINY_MAE),
+        val_fraction=0.3,
+        data=[
+            str(small_msd(data_dir, tmp_path / "msd", n=2)),
+            str(small_mias(data_dir, tmp_path / "mias", n_women=2)),
+            str(data_dir / "dicom/tcia_btp_PGBM-005_T1post"),
+        ],
+    )
+    trainer = Trainer(mixed)
+    done = list(trainer.run())[-1]
+    sources = {c.id.split(":")[0] for c in trainer.train_cases + trainer.val_cases}
+    assert sources == {"0", "1", "2"} and np.isfinite(done["metrics"]["val_loss"])

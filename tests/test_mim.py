@@ -77,7 +77,9 @@ def test_each_level_reconstructs_exactly_its_masked_voxels():
 
     model.decoder_pred.register_forward_hook(keep)
     out = model.pretrain_loss(x, generator=torch.Generator().manual_seed(5))
-    masks = nested_cell_masks((32, 32, 32), model.mask_ratios, model.cell_size, 1, torch.Generator().manual_seed(5))
+    masks = nested_cell_masks(
+        (32, 32, 32), model.mask_ratios, model.cell_size, 1, torch.Generator().manual_seed(5)
+    )
     for level in range(3):
         for p in preds:
             p.grad = None

@@ -149,3 +149,25 @@ def test_mae_mask_and_reconstruction(hippo):
     assert np.array_equal(same.data, mask.data)
     with pytest.raises(ValueError, match="mask_ratio"):
         ov.mae_overlays(model, plane, mask_ratio=1.0)
+
+
+def test_mim_nested_masks_on_a_volume(hippo):
+    from napari_medssl.models.mim import nested_masks
+
+    shape = tuple(hippo.data.shape)
+    (layer,) = ov.mim_overlays(
+        shape, (0.5, 0.6, 0.5), seed=2, scale=hippo.scale, translate=hippo.translate, cell_size=8
+    )
+    assert layer.kind == "labels" and layer.data.shape == shape
+    assert layer.scale == tuple(hippo.scale) and layer.translate == tuple(hippo.translate)
+    masks = nested_masks(shape, (0.5, 0.6, 0.5), 2, cell_size=8)
+    for k, mask in enumerate(masks, start=1):
+        assert np.array_equal(layer.data >= k, mask)  # value = deepest level masked
+    fr = layer.metadata["fractions"]
+    assert fr[0] > fr[1] > fr[2] > 0 and abs(fr[0] - 0.5) < 0.15
+    other = ov.mim_overlays(shape, (0.5, 0.6, 0.5), seed=3, cell_size=8)[0]
+    assert not np.array_equal(other.data, layer.data)
+    with pytest.raises(ValueError, match="3D"):
+        ov.mim_overlays(shape[1:])
+    with pytest.raises(ValueError, match="ratio"):
+        ov.mim_overlays(shape, (0.5, 1.5))

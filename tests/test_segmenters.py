@@ -75,7 +75,9 @@ def test_padding_is_cropped_back_exactly(name):
 
 def test_real_hippocampus_volume_and_slices(data_dir):
     path = sorted((data_dir / "hippocampus" / "imagesTr").glob("*.nii.gz"))[1]
-    volume = normalize_intensity(np.asarray(nib.load(path).dataobj))  # (34, 52, 35): odd, not a multiple of 16
+    volume = normalize_intensity(
+        np.asarray(nib.load(path).dataobj)
+    )  # (34, 52, 35): odd, not a multiple of 16
     x3 = torch.from_numpy(volume)[None, None]
     x2 = torch.from_numpy(np.moveaxis(volume, 2, 0).copy())[:4, None]  # four 2D slices
     with torch.no_grad():
@@ -131,7 +133,9 @@ def test_serial_heads_see_the_previous_head_and_skipped_heads_pass_through():
     head0 = attn.heads["0"](x[..., :d])
     torch.testing.assert_close(out[..., :d], head0)
     torch.testing.assert_close(out[..., d : 2 * d], x[..., d : 2 * d] + head0)  # skipped: input + previous
-    torch.testing.assert_close(out[..., 2 * d : 3 * d], attn.heads["2"](x[..., 2 * d : 3 * d] + out[..., d : 2 * d]))
+    torch.testing.assert_close(
+        out[..., 2 * d : 3 * d], attn.heads["2"](x[..., 2 * d : 3 * d] + out[..., d : 2 * d])
+    )
     # serial: perturbing head 0's channels changes every later head's output
     x2 = x.clone()
     x2[..., :d] += 1.0

@@ -8,9 +8,22 @@ from typing import Any
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtWidgets import QComboBox, QFrame, QLayout, QScrollArea, QVBoxLayout, QWidget
 
 from napari_medssl.overlays import OverlayLayer, Plane, take_plane
+
+
+def scroll_wrap(widget: QWidget, content: QLayout) -> None:
+    """Give ``widget`` a scroll area holding ``content``, so a short dock still shows every control."""
+    inner = QWidget()
+    inner.setLayout(content)
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setWidget(inner)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)
 
 
 def report_error(err: BaseException, what: str) -> None:
@@ -30,6 +43,18 @@ def is_prediction(layer: Any) -> bool:
     """Whether a layer holds a model's segmentation (class indices, not painted annotations)."""
     meta = getattr(layer, "metadata", None) or {}
     return isinstance(meta.get("medssl"), dict) and meta["medssl"].get("prediction", False)
+
+
+def guarded(fn: Any, *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a worker thread and return ``{"result": ...}`` or ``{"error": exc}``.
+
+    Errors come back as values, so the dock shows one clear notification (napari's workers would otherwise
+    also raise them in the GUI thread).
+    """
+    try:
+        return {"result": fn(*args)}
+    except Exception as err:  # handed to the dock, which reports it
+        return {"error": err}
 
 
 class LayerCombo(QComboBox):
@@ -98,9 +123,13 @@ def current_plane(viewer: Any, layer: Image) -> Plane:
     return take_plane(layer.data, point, displayed, layer.scale, layer.translate, rgb=rgb)
 
 
+POST_CREATION = ("contour",)  # layer properties napari sets only after creation
+
+
 def add_overlay(viewer: Any, overlay: OverlayLayer, replace: bool = True) -> Any:
     """Add (or update in place) the napari layer an :class:`OverlayLayer` describes."""
     kwargs = dict(overlay.style)
+    after = {k: kwargs.pop(k) for k in POST_CREATION if k in kwargs}
     name = overlay.name
     if replace and name in viewer.layers:
         old = viewer.layers[name]
@@ -115,5 +144,9 @@ def add_overlay(viewer: Any, overlay: OverlayLayer, replace: bool = True) -> Any
         name=name, scale=overlay.scale, translate=overlay.translate, metadata={"medssl": overlay.metadata}
     )
     if overlay.kind == "labels":
-        return viewer.add_labels(overlay.data, **common, **kwargs)
-    return viewer.add_image(overlay.data, **common, **kwargs)
+        layer = viewer.add_labels(overlay.data, **common, **kwargs)
+    else:
+        layer = viewer.add_image(overlay.data, **common, **kwargs)
+    for key, value in after.items():
+        setattr(layer, key, value)
+    return layer

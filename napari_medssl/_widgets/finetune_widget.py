@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_medssl import autosave
-from napari_medssl._widgets._common import LayerCombo, is_overlay, is_prediction, report_error
+from napari_medssl._widgets._common import LayerCombo, is_overlay, is_prediction, report_error, scroll_wrap
 from napari_medssl._widgets._plot import CurvePlot
 from napari_medssl._widgets._session import get_session
 from napari_medssl.finetune_process import (
@@ -93,6 +93,28 @@ def annotation_items(layers: list[Any], image: Image, point_box: int) -> list[tu
             name = str(names[i]) if names is not None else layer.name
             items.append((name, tuple(int(v) for v in low), tuple(int(v) for v in high)))
     return items
+
+
+PALETTE = (
+    (1.0, 0.2, 0.2),
+    (0.2, 0.6, 1.0),
+    (1.0, 0.85, 0.1),
+    (0.3, 0.9, 0.3),
+    (0.9, 0.3, 0.9),
+    (0.1, 0.9, 0.9),
+)
+
+
+def annotation_colors(class_names: list[str], n: int = 16) -> dict[Any, tuple[float, ...]]:
+    """Colours for painted values: ``k + 1`` is class ``k``; a class named background is a faint grey."""
+    from napari_medssl.overlays import label_colors
+
+    colors = {}
+    pal = iter(PALETTE * (n // len(PALETTE) + 1))
+    for v in range(1, n + 1):
+        name = class_names[v - 1].lower() if v - 1 < len(class_names) else ""
+        colors[v] = (0.6, 0.6, 0.6, 0.25) if name == "background" else (*next(pal), 0.7)
+    return label_colors(colors)
 
 
 class _CloseWatcher(QObject):
@@ -181,13 +203,14 @@ class FinetuneWidget(QWidget):
         restore_row = QHBoxLayout()
         restore_row.addWidget(self.autosave_combo, 1)
         restore_row.addWidget(self.restore_btn)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout()
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.plot)
         layout.addWidget(self.status_label)
         layout.addWidget(QLabel("Autosaved labels"))
         layout.addLayout(restore_row)
+        scroll_wrap(self, layout)
 
         self.timer = QTimer(self)
         self.timer.setInterval(100)
@@ -246,16 +269,26 @@ class FinetuneWidget(QWidget):
             show_warning("Open an image first")
             return None
         shape = image.data.shape[: image.ndim]
+        names = self._class_names()
         layer = self.viewer.add_labels(
             np.zeros(shape, dtype=np.uint8),
             name=f"{image.name} annotations",
             scale=image.scale,
             translate=image.translate,
+            colormap=annotation_colors(names),
+            metadata={"medssl": {"annotations": True, "values": {i + 1: n for i, n in enumerate(names)}}},
         )
         layer.selected_label = 1
         layer.mode = "paint"
         self.ann_combo.setCurrentText(layer.name)
         return layer
+
+    def _class_names(self) -> list[str]:
+        choice = self.session.model
+        try:
+            return model_facts(choice.source)["class_names"] if choice is not None else []
+        except Exception:
+            return []
 
     def gather(self, facts: dict[str, Any]) -> dict[str, Any]:
         """Training arrays and config fields from the chosen image and annotations (GUI thread, cheap)."""

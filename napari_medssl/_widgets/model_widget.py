@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_medssl._widgets._common import LayerCombo, current_plane, report_error
+from napari_medssl._widgets._common import LayerCombo, current_plane, guarded, report_error, scroll_wrap
 from napari_medssl._widgets._session import ModelChoice, get_session
 
 CHECKPOINT_ITEM = "Checkpoint file…"
@@ -188,12 +188,13 @@ class ModelWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_btn)
         buttons.addWidget(self.cancel_btn)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout()
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.result_label)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
+        scroll_wrap(self, layout)
 
         self.model_combo.currentTextChanged.connect(self._on_model_changed)
         self.path_edit.editingFinished.connect(self._on_model_changed)
@@ -203,6 +204,8 @@ class ModelWidget(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         self._relay.progressed.connect(self._on_progress)
         self.session.checkpoint_ready.connect(self.use_checkpoint)
+        self.image_combo.currentTextChanged.connect(self._on_image_changed)
+        self._on_image_changed()
         self.refresh_zoo()
 
     # -- model choice -------------------------------------------------------------------------------------------
@@ -244,6 +247,10 @@ class ModelWidget(QWidget):
         """Swap in a fine-tuned checkpoint (called when the Fine-tune dock finishes)."""
         self.select(str(path))
         show_info(f"Model dock now uses the fine-tuned checkpoint {Path(path).name}")
+
+    def _on_image_changed(self, *_: Any) -> None:
+        layer = self.image_combo.layer()
+        self.scope_combo.setEnabled(layer is not None and layer.ndim == 3 and not layer.rgb)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Model checkpoint", "", "safetensors (*.safetensors)")
@@ -307,10 +314,16 @@ class ModelWidget(QWidget):
         self.status_label.setText("running…")
         device = self.device_combo.currentText()
         worker = create_worker(
-            run_model, model, job["image"], job["rgb"], device, self._relay.progressed.emit, self._cancel
+            guarded,
+            run_model,
+            model,
+            job["image"],
+            job["rgb"],
+            device,
+            self._relay.progressed.emit,
+            self._cancel,
         )
-        worker.returned.connect(lambda out: self._show(model, layer, job, out))
-        worker.errored.connect(self._on_error)
+        worker.returned.connect(lambda out: self._on_returned(model, layer, job, out))
         worker.finished.connect(self._on_finished)
         self._worker = worker
         worker.start()
@@ -342,6 +355,12 @@ class ModelWidget(QWidget):
             self._pbar.n = done
             self._pbar.refresh()
 
+    def _on_returned(self, model: Any, layer: Image, job: dict[str, Any], out: dict[str, Any]) -> None:
+        if "error" in out:
+            self._on_error(out["error"])
+        else:
+            self._show(model, layer, job, out["result"])
+
     def _on_error(self, err: BaseException) -> None:
         from napari_medssl.inference import Cancelled
 
@@ -370,6 +389,10 @@ class ModelWidget(QWidget):
             self._show_labels(layer, job, out, names)
         self.status_label.setText("done")
 
+    def _short_source(self) -> str:
+        src = self.source()
+        return Path(src).name if self.model_combo.currentText() == CHECKPOINT_ITEM else src
+
     def _card(self) -> dict[str, Any]:
         src = self.source()
         if self.model_combo.currentText() == CHECKPOINT_ITEM:
@@ -397,7 +420,7 @@ class ModelWidget(QWidget):
             "mean over slices" if per_slice else ("current slice" if job["plane"] is not None else "image")
         )
         self.result_label.setText(
-            f"<b>{html.escape(self.source())}</b> ({where})<table>{''.join(rows)}</table>"
+            f"<b>{html.escape(self._short_source())}</b> ({where})<table>{''.join(rows)}</table>"
         )
         result = {
             "model": self.source(),
@@ -428,6 +451,7 @@ class ModelWidget(QWidget):
                 scale=layer.scale,
                 translate=layer.translate,
                 opacity=0.5,
+                metadata={"medssl": {"prediction": True}},
             )
         data = target.data
         plane = job["plane"]

@@ -31,7 +31,14 @@ from qtpy.QtWidgets import (
 )
 
 from napari_medssl import overlays
-from napari_medssl._widgets._common import LayerCombo, add_overlay, current_plane, report_error
+from napari_medssl._widgets._common import (
+    LayerCombo,
+    add_overlay,
+    current_plane,
+    guarded,
+    report_error,
+    scroll_wrap,
+)
 from napari_medssl._widgets._session import get_session
 from napari_medssl._widgets.model_widget import CHECKPOINT_ITEM, load_model, zoo_entries
 
@@ -151,11 +158,12 @@ class OverlayWidget(QWidget):
         form.addRow(self.follow)
         row = QHBoxLayout()
         row.addWidget(self.show_btn)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout()
         layout.addLayout(form)
         layout.addLayout(row)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
+        scroll_wrap(self, layout)
 
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
@@ -276,20 +284,30 @@ class OverlayWidget(QWidget):
             report_error(err, "Cannot compute the overlay")
             return None
         self.status_label.setText(f"computing {method}…")
-        worker = create_worker(compute_overlays, method, model, plane, volume, params)
-        worker.returned.connect(self._add)
-        worker.errored.connect(lambda err: report_error(err, f"{method} failed"))
-        worker.errored.connect(lambda err: self.status_label.setText(f"failed: {err}"))
+        worker = create_worker(guarded, compute_overlays, method, model, plane, volume, params)
+        worker.returned.connect(lambda out: self._on_returned(method, out))
         worker.finished.connect(self._on_finished)
         self._worker = worker
         worker.start()
         return worker
 
+    def _on_returned(self, method: str, out: dict[str, Any]) -> None:
+        if "error" in out:
+            self.status_label.setText(f"failed: {out['error']}")
+            report_error(out["error"], f"{method} failed")
+        else:
+            self._add(out["result"])
+
     def _on_finished(self) -> None:
         self._worker = None
 
     def _add(self, result: list[Any]) -> None:
-        self.last_layers = [add_overlay(self.viewer, ov) for ov in result]
+        try:
+            self.last_layers = [add_overlay(self.viewer, ov) for ov in result]
+        except Exception as err:  # a layer napari refuses must not break the dock
+            self.status_label.setText(f"failed: {err}")
+            report_error(err, "Cannot add the overlay layers")
+            return
         image = self.image_combo.layer()
         if image is not None:  # keep the image selected, so the next run uses it again
             self.viewer.layers.selection.active = image

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from napari_medssl.models.registry import save_model
+from napari_medssl.models.registry import save_model, write_safetensors
 
 LAST = "last.json"
 BEST = "best.safetensors"
@@ -52,12 +52,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write tensors and JSON metadata to a safetensors file atomically."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return _atomic_write(
-        Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"json": json.dumps(meta)})
-    )
+    return _atomic_write(Path(path), lambda tmp: write_safetensors(tensors, tmp, {"json": json.dumps(meta)}))
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 DESCRIPTION = """\
 Self-supervised medical-image models: pretrain, fine-tune, evaluate and predict.
 
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=8, help="slices/windows/images per forward pass")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
     p = sub.add_parser(
         "predict",
@@ -190,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=8, help="slices/windows per forward pass")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument(
         "--slice-axis", type=int, choices=(0, 1, 2), help="axis 2D models slice along (default: as trained)"
     )
@@ -373,6 +377,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             labels = inference.segment(
                 model, loaded.data, slice_axis=axis, batch_size=args.batch_size, rgb=loaded.rgb
             )
+            if extra.get("label_values"):  # trained on remapped labels (painted 1..K): write those values
+                labels = np.asarray(extra["label_values"])[labels]
             target = output / f"{_stem(path)}.nii.gz" if len(inputs) > 1 or output.is_dir() else output
             if len(inputs) == 1 and not (readers.is_nifti(target) or readers.is_image(target)):
                 raise ValueError(

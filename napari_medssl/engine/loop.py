@@ -179,12 +179,20 @@ class Trainer:
             return list(names)
         return [str(i) for i in range(num_classes)] if num_classes else None
 
+    def _label_values(self) -> list[int] | None:
+        """The data's label value of each class (inverse of ``label_map``), to write predictions back."""
+        if not self.config.label_map or self.config.task != "segment":
+            return None
+        inverse = {v: k for k, v in self.config.label_map.items()}
+        return [inverse.get(c, c) for c in range(self.num_classes)]
+
     def _extra(self, metrics: dict[str, float] | None) -> dict[str, Any]:
         cfg = self.config
         return {
             "task": cfg.task,
             "num_classes": self.num_classes,
             "class_names": self.class_names,
+            "label_values": self._label_values(),
             "sample_size": list(self.size),
             "slice_axis": cfg.slice_axis,
             "data": self.source.description,

@@ -39,6 +39,8 @@ from .volume import (
 from .windows import window_presets
 
 NAN_POLICIES = ("raise", "zero")
+GZIP_MAX_RATIO = 1032
+"""Deflate's largest possible compression ratio: a ``.nii.gz`` of n bytes inflates to at most 1032 n bytes."""
 _REVERSE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
 """Swaps index axes 0 and 2: napari (z, y, x) ↔ NIfTI (i, j, k); it is its own inverse."""
 
@@ -151,15 +153,22 @@ def read_nifti(path: str | os.PathLike, *, nan_policy: str = "raise", modality: 
     if len(shape) < 2:
         raise MedicalImageReadError(path, f"a {len(shape)}D image of shape {shape}; expected 2D or 3D")
     dtype = img.header.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise MedicalImageReadError(
+            path,
+            f"voxels of type {dtype} (RGB or complex NIfTI) are not supported; expected integers or reals",
+        )
     check_allocation(path, shape, max(dtype.itemsize, 4))
-    if path.name.lower().endswith(".nii"):
-        needed = int(img.header["vox_offset"]) + int(np.prod(img.shape)) * dtype.itemsize
-        if path.stat().st_size < needed:
-            raise MedicalImageReadError(
-                path,
-                f"the header claims {img.shape} voxels of {dtype} ({needed:,} bytes with the header) but the file "
-                f"holds {path.stat().st_size:,} bytes (truncated file or wrong header)",
-            )
+    needed = int(img.header["vox_offset"]) + int(np.prod(img.shape)) * dtype.itemsize
+    held = path.stat().st_size
+    gz = path.name.lower().endswith(".gz")
+    if held * (GZIP_MAX_RATIO if gz else 1) < needed:  # refused before nibabel allocates `needed` bytes
+        raise MedicalImageReadError(
+            path,
+            f"the header claims {img.shape} voxels of {dtype} ({needed:,} bytes with the header) but the file "
+            f"holds {held:,} bytes{' of gzip data (at most 1032x that inflated)' if gz else ''} "
+            "(truncated file or wrong header)",
+        )
     try:
         data = np.asanyarray(img.dataobj).reshape(shape)
     except Exception as err:

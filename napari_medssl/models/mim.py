@@ -26,8 +26,8 @@ Sizes (one channel in, ``K = 3``; FLOPs of one ``forward`` at batch 1 on a whole
 
 | name | conv stages | ViT (E, depth, heads) | params | FLOPs |
 |---|---|---|---|---|
-| ``mim_tiny`` | 16, 32, 64 | 96, 4, 3 | @TP | @TF |
-| ``mim_base`` | 32, 64, 128 | 768, 12, 12 (ViT-B) | @BP | @BF |
+| ``mim_tiny`` | 16, 32, 64 | 96, 4, 3 | 1.40 M | 2.70 G |
+| ``mim_base`` | 32, 64, 128 | 768, 12, 12 (ViT-B) | 96.5 M | 41.5 G |
 
 Axis legend: B batch, C channels, Z Y X space, N tokens, E embedding, H heads, K classes.
 """
@@ -184,18 +184,26 @@ class MiM(nn.Module):
         self.mask_ratios, self.cell_size, self.align_weight = tuple(mask_ratios), cell_size, align_weight
         self.stem = ConvStem3d(in_chans, conv_dims, embed_dim, norm)
         self.patch_size = p = self.stem.patch_size
-        self.blocks = nn.Sequential(*(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)))
+        self.blocks = nn.Sequential(
+            *(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
+        )
         self.norm = nn.LayerNorm(embed_dim)
         # pre-training parts
         self.mask_value = nn.Parameter(torch.zeros(in_chans))
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.decoder_blocks = nn.Sequential(
-            *(Block(decoder_dim, max(1, decoder_dim // 32), mlp_ratio, qkv_bias=True) for _ in range(decoder_depth))
+            *(
+                Block(decoder_dim, max(1, decoder_dim // 32), mlp_ratio, qkv_bias=True)
+                for _ in range(decoder_depth)
+            )
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, p**3 * in_chans)
         self.predictor = nn.Sequential(
-            nn.Linear(embed_dim, 2 * embed_dim), nn.LayerNorm(2 * embed_dim), nn.GELU(), nn.Linear(2 * embed_dim, embed_dim)
+            nn.Linear(embed_dim, 2 * embed_dim),
+            nn.LayerNorm(2 * embed_dim),
+            nn.GELU(),
+            nn.Linear(2 * embed_dim, embed_dim),
         )
         # UNETR-style segmentation decoder
         dims = list(conv_dims)
@@ -203,7 +211,9 @@ class MiM(nn.Module):
         self.seg_ups = nn.ModuleList(
             nn.ConvTranspose3d(dims[i + 1], dims[i], 2, stride=2) for i in reversed(range(len(dims) - 1))
         )
-        self.seg_blocks = nn.ModuleList(ConvBlock(2 * dims[i], dims[i], 3, norm) for i in reversed(range(len(dims) - 1)))
+        self.seg_blocks = nn.ModuleList(
+            ConvBlock(2 * dims[i], dims[i], 3, norm) for i in reversed(range(len(dims) - 1))
+        )
         full = max(dims[0] // 2, 8)
         self.seg_up_full = nn.ConvTranspose3d(dims[0], full, 2, stride=2)
         self.seg_image = ConvBlock(in_chans, full, 3, norm)
@@ -222,7 +232,9 @@ class MiM(nn.Module):
         if x.ndim != 5 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected a (B, {self.in_chans}, Z, Y, X) volume, got shape {tuple(x.shape)}")
 
-    def forward_encoder(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int, int]]:
+    def forward_encoder(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int, int]]:
         """Padded ``(B, C, Z, Y, X)`` → ``(tokens (B, N, E), conv stage maps, grid (gz, gy, gx))``."""
         tokens, feats, grid = self.stem(x)
         tokens = tokens + sincos_3d(tokens.shape[-1], grid).to(tokens)

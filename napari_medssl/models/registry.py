@@ -102,8 +102,6 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
         path: destination ``.safetensors`` file.
         extra: more JSON-serialisable facts to keep in the metadata (metrics, class names ...).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -111,7 +109,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
     meta = {"config": json.dumps(getattr(model, "config", {})), "extra": json.dumps(extra or {})}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(state, str(tmp), metadata=meta)
+        write_safetensors(state, tmp, meta)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -119,6 +117,26 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as ``OSError``.
+
+    safetensors reports a failed write as ``SafetensorError("... No space left on device (os error 28)")``.
+    """
+    import errno
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        raise OSError(int(code.group(1)) if code else errno.EIO, f"cannot write {path}: {err}") from None
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,7 +152,9 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def read_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Read a safetensors checkpoint: ``(state_dict, config, extra)``.
 
     Raises:
@@ -163,7 +183,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return state, config, extra
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
+def load_model(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any
+) -> nn.Module:
     """Rebuild a model from a checkpoint written by :func:`save_model`.
 
     Raises:

@@ -90,7 +90,8 @@ class UNet(nn.Module):
         up = conv_transpose_nd(spatial_dims)
         self.pool = pool(2)
         self.encoders = nn.ModuleList(
-            ConvBlock(c_in, c_out, spatial_dims, norm) for c_in, c_out in zip([in_chans, *widths[:-1]], widths)
+            ConvBlock(c_in, c_out, spatial_dims, norm)
+            for c_in, c_out in zip([in_chans, *widths[:-1]], widths)
         )
         self.ups = nn.ModuleList(up(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(levels)))
         self.decoders = nn.ModuleList(
@@ -113,9 +114,8 @@ class UNet(nn.Module):
         return crop_spatial(self.head(x), spatial)
 
 
-def _unet(base_width: int, **overrides) -> UNet:
-    overrides.setdefault("base_width", base_width)
-    return UNet(**overrides)
+def _unet(width: int, **overrides) -> UNet:
+    return UNet(**{"base_width": width, **overrides})
 
 
 @register_model
