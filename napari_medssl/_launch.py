@@ -84,6 +84,12 @@ def setup(viewer: Any, args: argparse.Namespace) -> dict[str, Any]:
     from napari.utils.notifications import show_warning
 
     image = open_layers(viewer, args)
+    from qtpy.QtWidgets import QApplication
+
+    screen = QApplication.primaryScreen()
+    if screen is not None:  # room for the canvas and the docks, within the screen
+        avail = screen.availableGeometry()
+        viewer.window.resize(min(1600, avail.width()), min(1000, avail.height()))
     docks = {}
     for i, name in enumerate(DOCKS):
         _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=i > 1)

@@ -217,3 +217,28 @@ def test_emfformer_is_cheaper_than_unet():
         saved[name] = _saved_bytes(_build(name, 2), torch.rand(1, 1, 35, 51))
     assert flops["emfformer_tiny"] <= flops["unet_tiny"] / 3
     assert saved["emfformer_tiny"] <= saved["unet_tiny"] / 2
+
+
+def test_dinocnn_uses_the_overlay_attention_maps_of_a_frozen_backbone(tmp_path):
+    from napari_medssl.models.dino import attention_maps
+
+    torch.manual_seed(0)
+    dino = create_model("dino_tiny")
+    path = save_model(dino, tmp_path / "dino.safetensors")
+    model = create_model("dinocnn_tiny", dino_checkpoint=str(path)).train()
+    for key, value in dino.backbone.state_dict().items():  # the checkpoint's teacher ViT is the backbone
+        torch.testing.assert_close(model.dino.state_dict()[key], value)
+    assert not model.dino.training and not any(p.requires_grad for p in model.dino.parameters())
+    x = torch.rand(2, 1, 35, 51)
+    resized = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    expected = torch.nn.functional.interpolate(
+        attention_maps(dino, resized, upsample=True), size=(35, 51), mode="bilinear", align_corners=False
+    )
+    maps = model.attention(x)
+    assert maps.shape == (2, dino.backbone.num_heads, 35, 51)
+    torch.testing.assert_close(maps, expected)
+    assert maps.amax() > maps.amin()  # real maps, not a constant
+    with torch.no_grad():  # forward(x) computes exactly those maps itself
+        torch.testing.assert_close(model.eval()(x), model(x, maps))
+    with pytest.raises(FileNotFoundError, match="dino_checkpoint"):
+        create_model("dinocnn_tiny", dino_checkpoint=str(tmp_path / "missing.safetensors"))

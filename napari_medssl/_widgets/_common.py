@@ -8,22 +8,9 @@ from typing import Any
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QComboBox, QFrame, QLayout, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox
 
 from napari_medssl.overlays import OverlayLayer, Plane, take_plane
-
-
-def scroll_wrap(widget: QWidget, content: QLayout) -> None:
-    """Give ``widget`` a scroll area holding ``content``, so a short dock still shows every control."""
-    inner = QWidget()
-    inner.setLayout(content)
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setFrameShape(QFrame.Shape.NoFrame)
-    area.setWidget(inner)
-    outer = QVBoxLayout(widget)
-    outer.setContentsMargins(0, 0, 0, 0)
-    outer.addWidget(area)
 
 
 def report_error(err: BaseException, what: str) -> None:

@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
     QPushButton,
@@ -33,7 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_medssl import autosave
-from napari_medssl._widgets._common import LayerCombo, is_overlay, is_prediction, report_error, scroll_wrap
+from napari_medssl._widgets._common import LayerCombo, is_overlay, is_prediction, report_error
 from napari_medssl._widgets._plot import CurvePlot
 from napari_medssl._widgets._session import get_session
 from napari_medssl.finetune_process import (
@@ -160,7 +161,8 @@ class FinetuneWidget(QWidget):
         self.batch.setRange(1, 256)
         self.batch.setValue(8)
         self.lr = QDoubleSpinBox()
-        self.lr.setDecimals(5)
+        self.lr.setDecimals(4)
+        self.lr.setMinimumWidth(90)
         self.lr.setRange(1e-5, 1.0)
         self.lr.setSingleStep(1e-4)
         self.lr.setValue(1e-3)
@@ -170,12 +172,13 @@ class FinetuneWidget(QWidget):
         self.point_box = QSpinBox()
         self.point_box.setRange(8, 4096)
         self.point_box.setValue(128)
-        self.hold_out = QCheckBox(f"hold out 25% for validation (≥ {MIN_HELD_OUT} annotated slices/items)")
+        self.hold_out = QCheckBox(f"hold out 25% for validation (from {MIN_HELD_OUT} annotated slices/items)")
         self.hold_out.setChecked(True)
         self.start_btn = QPushButton("Start")
         self.stop_btn = QPushButton("Stop")
         self.stop_btn.setEnabled(False)
-        self.use_best_btn = QPushButton("Use best checkpoint")
+        self.use_best_btn = QPushButton("Use best")
+        self.use_best_btn.setToolTip("Send the best checkpoint so far to the Model dock")
         self.use_best_btn.setEnabled(False)
         self.plot = CurvePlot(("loss", "val"))
         self.status_label = QLabel("idle")
@@ -190,27 +193,34 @@ class FinetuneWidget(QWidget):
         ann_row.addWidget(self.ann_combo, 1)
         ann_row.addWidget(self.new_labels_btn)
         form.addRow("Annotations", ann_row)
-        form.addRow(self.help_label)
-        form.addRow("Steps", self.steps)
-        form.addRow("Batch size", self.batch)
-        form.addRow("Learning rate", self.lr)
-        form.addRow("Validate every", self.val_every)
-        form.addRow("Point box (px)", self.point_box)
-        form.addRow(self.hold_out)
+        params = QGridLayout()
+        for i, (label, box) in enumerate(
+            [
+                ("Steps", self.steps),
+                ("Batch", self.batch),
+                ("LR", self.lr),
+                ("Validate every", self.val_every),
+                ("Point box (px)", self.point_box),
+            ]
+        ):
+            params.addWidget(QLabel(label), i // 2, 2 * (i % 2))
+            params.addWidget(box, i // 2, 2 * (i % 2) + 1)
         buttons = QHBoxLayout()
         for b in (self.start_btn, self.stop_btn, self.use_best_btn):
             buttons.addWidget(b)
         restore_row = QHBoxLayout()
+        restore_row.addWidget(QLabel("Autosaved"))
         restore_row.addWidget(self.autosave_combo, 1)
         restore_row.addWidget(self.restore_btn)
-        layout = QVBoxLayout()
+        layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.help_label)
+        layout.addLayout(params)
+        layout.addWidget(self.hold_out)
         layout.addLayout(buttons)
         layout.addWidget(self.plot)
         layout.addWidget(self.status_label)
-        layout.addWidget(QLabel("Autosaved labels"))
         layout.addLayout(restore_row)
-        scroll_wrap(self, layout)
 
         self.timer = QTimer(self)
         self.timer.setInterval(100)

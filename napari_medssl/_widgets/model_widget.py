@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_medssl._widgets._common import LayerCombo, current_plane, guarded, report_error, scroll_wrap
+from napari_medssl._widgets._common import LayerCombo, current_plane, guarded, report_error
 from napari_medssl._widgets._session import ModelChoice, get_session
 
 CHECKPOINT_ITEM = "Checkpoint file…"
@@ -188,13 +188,12 @@ class ModelWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_btn)
         buttons.addWidget(self.cancel_btn)
-        layout = QVBoxLayout()
+        layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.result_label)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
-        scroll_wrap(self, layout)
 
         self.model_combo.currentTextChanged.connect(self._on_model_changed)
         self.path_edit.editingFinished.connect(self._on_model_changed)

@@ -37,7 +37,6 @@ from napari_medssl._widgets._common import (
     current_plane,
     guarded,
     report_error,
-    scroll_wrap,
 )
 from napari_medssl._widgets._session import get_session
 from napari_medssl._widgets.model_widget import CHECKPOINT_ITEM, load_model, zoo_entries
@@ -158,12 +157,11 @@ class OverlayWidget(QWidget):
         form.addRow(self.follow)
         row = QHBoxLayout()
         row.addWidget(self.show_btn)
-        layout = QVBoxLayout()
+        layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(row)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
-        scroll_wrap(self, layout)
 
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)

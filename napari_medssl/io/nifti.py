@@ -58,7 +58,7 @@ def _header_facts(img: nib.Nifti1Image) -> dict[str, Any]:
         "datatype": str(hdr.get_data_dtype()),
         "qform_code": int(hdr["qform_code"]),
         "sform_code": int(hdr["sform_code"]),
-        "xyzt_units": [str(u) for u in hdr.get_xyzt_units()],
+        "xyzt_units": _units(hdr),
         "descrip": hdr["descrip"].item().decode("latin-1", "replace").strip("\x00 "),
         "intent_code": int(hdr["intent_code"]),
     }
@@ -66,6 +66,14 @@ def _header_facts(img: nib.Nifti1Image) -> dict[str, Any]:
     if slope is not None:
         facts["scl_slope"], facts["scl_inter"] = float(slope), float(inter or 0.0)
     return facts
+
+
+def _units(hdr: Any) -> list[str]:
+    """The spatial and time units, ``"unknown"`` for a code the standard does not define (a damaged header)."""
+    try:
+        return [str(u) for u in hdr.get_xyzt_units()]
+    except KeyError:
+        return ["unknown", "unknown"]
 
 
 def _usable(affine: np.ndarray | None) -> bool:

@@ -33,7 +33,7 @@ slice ``35×51`` (2D) or volume ``35×51×35`` (3D)):
 
 | name | dims | depths | 2D params | 2D FLOPs | 3D params | 3D FLOPs |
 |---|---|---|---|---|---|---|
-| ``emfformer_tiny`` | 32, 64, 128 | 1, 2, 2 | 0.26 M | 0.015 G | 0.28 M | 0.17 G |
+| ``emfformer_tiny`` | 32, 64, 128 | 1, 2, 2 | 0.25 M | 0.014 G | 0.27 M | 0.15 G |
 | ``emfformer_small`` | 48, 96, 192, 256 | 1, 2, 2, 2 | 1.31 M | 0.049 G | 1.36 M | 0.56 G |
 | ``emfformer_base`` | 64, 128, 320, 512 | 2, 2, 4, 2 | 5.39 M | 0.16 G | 5.50 M | 1.36 G |
 
@@ -199,7 +199,12 @@ class EMFBlock(nn.Module):
     """Pre-norm transformer block: ``x + S-MHA(LN x)``, then ``x + MixFFN(LN x)`` on ``(B, N, E)`` tokens."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float, spatial_dims: int, skip_heads=None
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        spatial_dims: int,
+        skip_heads: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -224,8 +229,8 @@ class EMFFormer(nn.Module):
         head_dim: channels per attention head (``H = dim / head_dim`` per stage).
         skip_heads: heads skipped in every S-MHA (``None``: every second one).
         mlp_ratio: FFN hidden size / ``E``.
-        decoder_dim: ``D``, the decoder's width at 1/4 (half of it at 1/2).
-        detail_dim: channels carried from 1/2 to full resolution for the last conv.
+        decoder_dim: ``D``, the decoder's width at 1/4.
+        detail_dim: the decoder's width at 1/2 (joined with the stem's features there).
         norm: norm of the convolutional parts (``"batch"``, ``"instance"``, ``"group"``).
     """
 
@@ -242,7 +247,7 @@ class EMFFormer(nn.Module):
         head_dim: int = 16,
         skip_heads: Sequence[int] | None = None,
         mlp_ratio: float = 2.0,
-        decoder_dim: int = 64,
+        decoder_dim: int = 32,
         detail_dim: int = 8,
         norm: str = "batch",
     ) -> None:
@@ -331,14 +336,13 @@ class EMFFormer(nn.Module):
         y = self.reduce(self.fuse(y))  # (B, detail, *S/4)
         y = self.refine(self._up(y, half.shape[2:]) + self.stem_skip(half))  # (B, detail, *S/2)
         y = self._up(self.head_half(y), x.shape[2:])  # (B, K, *S)
-        y = y + self.head(
-            channels_last(torch.cat([y, x], dim=1))
-        )  # full-resolution refinement, sees the image
+        # full-resolution refinement that also sees the image
+        y = y + self.head(channels_last(torch.cat([y, x], dim=1)))
         return crop_spatial(y, spatial)
 
 
 _SIZES = {
-    "tiny": {"dims": (32, 64, 128), "depths": (1, 2, 2), "decoder_dim": 64, "detail_dim": 8},
+    "tiny": {"dims": (32, 64, 128), "depths": (1, 2, 2), "decoder_dim": 32, "detail_dim": 8},
     "small": {"dims": (48, 96, 192, 256), "depths": (1, 2, 2, 2), "decoder_dim": 96, "detail_dim": 12},
     "base": {
         "dims": (64, 128, 320, 512),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -195,9 +197,28 @@ _BLOCK_ELEMENTS = 4096 * 64  # per (batch, head): the fused kernels' (tokens × 
 
 
 def _token_blocks(n: int, width: int) -> list[slice]:
-    """Slices covering ``range(n)`` in blocks of ``_BLOCK_ELEMENTS // width`` tokens (at least one)."""
-    size = max(1, _BLOCK_ELEMENTS // width)
+    """Slices covering ``range(n)``: blocks of N/8 tokens (at least 256), at most ``_BLOCK_ELEMENTS // width``.
+
+    A block's (tokens × width) temporaries then stay a small fraction of one (N × D) tensor at any N.
+    """
+    size = max(1, min(max(n // 8, 256), _BLOCK_ELEMENTS // width))
     return [slice(start, start + size) for start in range(0, n, size)]
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run tiny CPU ops on one intra-op thread.
+
+    The Nyström M × M graph is ~100 products of 64 × 64 matrices, about a millisecond of work; spread over
+    several threads on a busy machine each of them waits for the slowest thread (measured: 14 ms on one
+    thread vs 150–1100 ms on two, 2 cores at load 9). Restores the thread count afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _landmark_mix(q_land: Tensor, k_land: Tensor, kv3: Tensor, scale: float, iterations: int) -> Tensor:
@@ -220,25 +241,73 @@ def _add_segment_grad(grad: Tensor, grad_means: Tensor) -> None:
     grad[..., split:, :].unflatten(-2, (m - rest, size)).add_(grad_means[..., rest:, None, :] / size)
 
 
-class _NystromKernels(torch.autograd.Function):
-    """Fused Nyström attention on the packed ``qkv`` ``(B, N, 3, H, D)`` → ``(B, N, H, D)``.
+class _QKVGrad:
+    """Gradient of the ``qkv`` projection ``x ↦ x Wᵀ + b`` gathered from per-head blocks of dQ, dK, dV.
 
-    Forward: landmarks, ``kv3 = softmax(s Q̃ Kᵀ) V`` by an online (flash-style) softmax over key blocks,
-    ``W`` from the pseudo-inverse, and ``softmax(s Q K̃ᵀ) W`` by the fused SDPA kernel. Saved for backward:
-    ``qkv`` (kept by the projection anyway) and (B, H, M, ·) tensors. Backward recomputes each (block × M)
-    probability matrix and writes dQ, dK, dV straight into one ``(B, N, 3, H, D)`` buffer, the gradient of the
-    ``qkv`` projection's output: no per-head gradients to stack, no N × M matrix held.
+    The fused kernels call :meth:`add` with each block's gradient as soon as it is known, so dQ, dK and dV
+    are never stored whole: only ``dx`` ``(B, N, E)`` (needed anyway) and the weight gradients are.
+    """
+
+    def __init__(self, x: Tensor, weight: Tensor, has_bias: bool, num_landmarks: int) -> None:
+        self.x, self.e = x, x.shape[-1]
+        self.weight = weight.view(3, self.e, self.e)  # rows of q, k, v
+        self.dx = torch.zeros_like(x)
+        self.dw = torch.zeros_like(self.weight)
+        self.db = x.new_zeros(3, self.e) if has_bias else None
+        self.num_landmarks = num_landmarks
+
+    def add(self, part: int, sl: slice, grad: Tensor) -> None:
+        """Tokens ``sl`` of dQ (part 0), dK (1) or dV (2), per head ``(B, H, c, D)``."""
+        g = grad.transpose(1, 2).flatten(2)  # (B, c, E)
+        self.dx[:, sl] += g @ self.weight[part]
+        self.dw[part] += g.flatten(0, 1).T @ self.x[:, sl].flatten(0, 1)
+        if self.db is not None:
+            self.db[part] += g.sum((0, 1))
+
+    def add_landmarks(self, part: int, grad_means: Tensor) -> None:
+        """Gradient reaching dQ or dK through the landmarks (segment means) ``(B, H, M, D)``."""
+        g = grad_means.transpose(1, 2).flatten(2)  # (B, M, E)
+        _add_segment_grad(self.dx, g @ self.weight[part])
+        x_means = segment_means(self.x, self.num_landmarks)  # (B, M, E)
+        self.dw[part] += g.flatten(0, 1).T @ x_means.flatten(0, 1)
+        if self.db is not None:
+            self.db[part] += g.sum((0, 1))
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        db = None if self.db is None else self.db.flatten()
+        return self.dx, self.dw.flatten(0, 1), db
+
+
+class _NystromKernels(torch.autograd.Function):
+    """Fused qkv projection + Nyström attention: tokens ``(B, N, E)`` → per-head output ``(B, N, H, D)``.
+
+    Forward: ``qkv = x Wᵀ + b``, landmarks, ``kv3 = softmax(s Q̃ Kᵀ) V`` by an online (flash-style) softmax
+    over key blocks, ``W`` from the pseudo-inverse, and ``softmax(s Q K̃ᵀ) W`` by the fused SDPA kernel.
+    Saved: ``x``, ``qkv`` and (B, H, M, ·) tensors. Backward recomputes each (block × M) probability matrix
+    and turns each block's dQ, dK, dV at once into ``dx`` and the weight gradients (:class:`_QKVGrad`): no
+    N × M matrix and no (N × 3E) gradient is ever held.
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, num_landmarks: int, iterations: int, scale: float) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        num_heads: int,
+        num_landmarks: int,
+        iterations: int,
+        scale: float,
+    ) -> Tensor:
+        b, n, e = x.shape
+        qkv = F.linear(x, weight, bias).view(b, n, 3, num_heads, e // num_heads)
         q, k, v = unpack_qkv(qkv)  # (B, H, N, D) views
         q_land, k_land = segment_means(q, num_landmarks), segment_means(k, num_landmarks)
         q_land_s = q_land * scale
         run_max = q_land.new_full((*q_land.shape[:-1], 1), float("-inf"))
         denom = torch.zeros_like(run_max)
         kv3 = torch.zeros_like(q_land)
-        for sl in _token_blocks(k.shape[-2], num_landmarks):
+        for sl in _token_blocks(n, num_landmarks):
             logits = q_land_s @ k[..., sl, :].transpose(-1, -2)  # (B, H, M, c)
             new_max = torch.maximum(run_max, logits.amax(-1, keepdim=True))
             correction = torch.exp(run_max - new_max)
@@ -248,49 +317,50 @@ class _NystromKernels(torch.autograd.Function):
             run_max = new_max
         kv3 = kv3 / denom  # softmax(s Q̃ Kᵀ) V
         lse3 = run_max + denom.log()
-        with torch.enable_grad():  # keep the small (M × M) graph of W = pinv(softmax(s Q̃ K̃ᵀ)) kv3
-            leaves = [t.detach().requires_grad_(ctx.needs_input_grad[0]) for t in (q_land, k_land, kv3)]
+        needs_grad = any(ctx.needs_input_grad[:3])
+        with torch.enable_grad(), _one_thread():  # keep the small M × M graph of W
+            leaves = [t.detach().requires_grad_(needs_grad) for t in (q_land, k_land, kv3)]
             w_graph = _landmark_mix(*leaves, scale, iterations)
         w = w_graph.detach()
         out = F.scaled_dot_product_attention(q, k_land, w, scale=scale)  # softmax(s Q K̃ᵀ) W
-        ctx.save_for_backward(qkv, q_land, k_land, kv3, lse3, w)
-        ctx.small_graph, ctx.scale = (leaves, w_graph), scale
+        ctx.save_for_backward(x, weight, qkv, q_land, k_land, kv3, lse3, w)
+        ctx.small_graph, ctx.scale, ctx.has_bias = (leaves, w_graph), scale, bias is not None
         return out.transpose(1, 2).contiguous()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        qkv, q_land, k_land, kv3, lse3, w = ctx.saved_tensors
-        scale, n = ctx.scale, qkv.shape[1]
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, qkv, q_land, k_land, kv3, lse3, w = ctx.saved_tensors
+        scale, n, m = ctx.scale, x.shape[1], q_land.shape[-2]
         q, k, v = unpack_qkv(qkv)
         grad_out = grad_out.transpose(1, 2)  # (B, H, N, D)
-        grad_qkv = torch.empty_like(qkv)
-        dq, dk, dv = unpack_qkv(grad_qkv)
+        grads = _QKVGrad(x, weight, ctx.has_bias, m)
         q_land_s, k_land_s = q_land * scale, k_land * scale
         dw, dk_land = torch.zeros_like(w), torch.zeros_like(k_land)
-        blocks = _token_blocks(n, q_land.shape[-2])
+        blocks = _token_blocks(n, m)
         for sl in blocks:  # kernel 1: out = P W, P = softmax(s Q K̃ᵀ)
             q_c, do_c = q[..., sl, :], grad_out[..., sl, :]
             p = torch.softmax(q_c @ k_land_s.transpose(-1, -2), dim=-1)  # (B, H, c, M)
             dw += p.transpose(-1, -2) @ do_c
             dp = do_c @ w.transpose(-1, -2)
             ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)  # dS / s
-            dq[..., sl, :] = ds @ k_land_s
+            grads.add(0, sl, ds @ k_land_s)
             dk_land += ds.transpose(-1, -2) @ q_c
-        dq_land, dk_land_2, dkv3 = torch.autograd.grad(ctx.small_graph[1], ctx.small_graph[0], dw)
+        with _one_thread():
+            dq_land, dk_land_2, dkv3 = torch.autograd.grad(ctx.small_graph[1], ctx.small_graph[0], dw)
         dk_land = dk_land_2.add_(dk_land, alpha=scale)
         delta = (dkv3 * kv3).sum(-1, keepdim=True)  # rowsum(P3 ∘ dP3)
         dq_land_3 = torch.zeros_like(q_land)
         for sl in blocks:  # kernel 3: kv3 = P3 V, P3 = softmax(s Q̃ Kᵀ)
             k_c, v_c = k[..., sl, :], v[..., sl, :]
             p = (q_land_s @ k_c.transpose(-1, -2)).sub_(lse3).exp_()  # (B, H, M, c)
-            dv[..., sl, :] = p.transpose(-1, -2) @ dkv3
+            grads.add(2, sl, p.transpose(-1, -2) @ dkv3)
             ds = (dkv3 @ v_c.transpose(-1, -2)).sub_(delta).mul_(p)  # dS / s
-            dk[..., sl, :] = ds.transpose(-1, -2) @ q_land_s
+            grads.add(1, sl, ds.transpose(-1, -2) @ q_land_s)
             dq_land_3 += ds @ k_c
-        _add_segment_grad(dq, dq_land.add_(dq_land_3, alpha=scale))
-        _add_segment_grad(dk, dk_land)
-        return grad_qkv, None, None, None
+        grads.add_landmarks(0, dq_land.add_(dq_land_3, alpha=scale))
+        grads.add_landmarks(1, dk_land)
+        return *grads.result(), None, None, None, None
 
 
 class NystromAttention(_MultiHeadAttention):
@@ -302,9 +372,10 @@ class NystromAttention(_MultiHeadAttention):
 
     evaluated right to left, so the cost is O(N M D). The pseudo-inverse is the paper's iteration (eq. 16,
     :func:`iterative_pinv`). Built for CPU speed and memory: one fused autograd function
-    (:class:`_NystromKernels`) computes the two N × M kernels block by block in forward and backward and
-    writes the gradient of the packed ``qkv`` directly, so no N × M matrix is ever stored and the layer's peak
-    memory stays below that of exact fused attention (see ``benchmarks/README.md``).
+    (:class:`_NystromKernels`) runs the qkv projection and the two N × M kernels block by block, forward and
+    backward, and folds each block's dQ, dK, dV straight into the projection's gradients, so neither an
+    N × M matrix nor the (N × 3E) gradient of qkv is ever stored; the layer's peak memory is below that of
+    exact fused attention (see ``benchmarks/README.md``).
     Any N works: the landmarks are means of segments that split the N tokens exactly (:func:`segment_means`);
     when N ≤ M the layer computes exact attention (the approximation would not save anything).
 
@@ -315,7 +386,8 @@ class NystromAttention(_MultiHeadAttention):
         pinv_iterations: iterations of :func:`iterative_pinv` (paper: 6).
         conv_kernel: if set, the paper's skip connection: a depthwise convolution of V along the token axis
             (one kernel of this odd length per head) added to the output. ``None`` (default) leaves it out.
-        **kwargs: ``qkv_bias``, ``qk_norm``, ``proj_bias``, ``proj_drop``, ``norm_layer``.
+        **kwargs: ``qkv_bias``, ``proj_bias``, ``proj_drop`` (``qk_norm`` is not supported: the projection
+            is fused into the kernels).
     """
 
     def __init__(
@@ -327,6 +399,7 @@ class NystromAttention(_MultiHeadAttention):
         conv_kernel: int | None = None,
         **kwargs,
     ) -> None:
+        _refuse_qk_norm("nystrom", kwargs)
         super().__init__(dim, num_heads, **kwargs)
         if num_landmarks < 1:
             raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
@@ -339,14 +412,32 @@ class NystromAttention(_MultiHeadAttention):
             h = num_heads
             self.conv = nn.Conv2d(h, h, (conv_kernel, 1), padding=(conv_kernel // 2, 0), groups=h, bias=False)
 
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)`` (``attn_mask``: see the base class)."""
+        if attn_mask is not None or is_causal or x.ndim != 3 or x.shape[1] <= self.num_landmarks:
+            return super().forward(x, attn_mask, is_causal)  # validation, or exact attention for N ≤ M
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected tokens of shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        args = (self.num_heads, self.num_landmarks, self.pinv_iterations, self.scale)
+        out = _NystromKernels.apply(x, self.qkv.weight, self.qkv.bias, *args)  # (B, N, H, D)
+        if self.conv is not None:
+            e = self.dim
+            bias = None if self.qkv.bias is None else self.qkv.bias[2 * e :]
+            v = F.linear(x, self.qkv.weight[2 * e :], bias).unflatten(-1, (self.num_heads, self.head_dim))
+            out = out + self.conv(v.transpose(1, 2)).transpose(1, 2)
+        return self.output(out)
+
     def attend(self, qkv: Tensor) -> Tensor:
-        if qkv.shape[1] <= self.num_landmarks:  # exact: the approximation would cost more than it saves
-            out = F.scaled_dot_product_attention(*unpack_qkv(qkv)).transpose(1, 2)
-        else:
-            out = _NystromKernels.apply(qkv, self.num_landmarks, self.pinv_iterations, self.scale)
+        """Exact attention (used for N ≤ M), plus the convolution skip if any."""
+        out = F.scaled_dot_product_attention(*unpack_qkv(qkv)).transpose(1, 2)
         if self.conv is not None:
             out = out + self.conv(qkv[:, :, 2].transpose(1, 2)).transpose(1, 2)
         return out
+
+
+def _refuse_qk_norm(kind: str, kwargs: dict) -> None:
+    if kwargs.get("qk_norm"):
+        raise ValueError(f"qk_norm=True is not supported by the {kind!r} kind; use 'sdpa' or 'linformer'")
 
 
 def _favor_features(x: Tensor, features: Tensor, eps: float, peak: Tensor | None = None) -> Tensor:
@@ -359,47 +450,57 @@ def _favor_features(x: Tensor, features: Tensor, eps: float, peak: Tensor | None
 
 
 class _FavorKernels(torch.autograd.Function):
-    """Fused FAVOR+ on the packed ``qkv`` ``(B, N, 3, H, D)`` → ``(B, N, H, D)``, block by block over tokens.
+    """Fused qkv projection + FAVOR+: tokens ``(B, N, E)`` → per-head output ``(B, N, H, D)``, block by block.
 
-    Forward: the keys' shared maximum exponent (one pass), ``φ(K)ᵀ V`` ``(M, D)`` and ``φ(K)ᵀ 1`` ``(M,)``
-    (second pass), then each query block's ``φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1)``. Backward recomputes the
-    feature blocks and writes dQ, dK, dV into one ``(B, N, 3, H, D)`` buffer; no (N × M) feature matrix is
-    kept. The stabilising maxima are constants for the gradient (they cancel in the normalisation).
+    Forward: ``qkv = x Wᵀ + b``, the keys' shared maximum exponent (one pass), ``φ(K)ᵀ V`` ``(M, D)`` and
+    ``φ(K)ᵀ 1`` ``(M,)`` (second pass), then each query block's ``φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1)``. Backward
+    recomputes the feature blocks and folds each block's dQ, dK, dV straight into the projection's gradients
+    (:class:`_QKVGrad`); no (N × M) feature matrix is kept. The stabilising maxima are constants for the
+    gradient (they cancel in the normalisation).
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, features: Tensor, root_scale: float, eps: float) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        num_heads: int,
+        features: Tensor,
+        root_scale: float,
+        eps: float,
+    ) -> Tensor:
+        b, n, e = x.shape
+        qkv = F.linear(x, weight, bias).view(b, n, 3, num_heads, e // num_heads)
         q, k, v = unpack_qkv(qkv)
-        b, n, _, h, d = qkv.shape
-        key_peak = q.new_full((b, h, 1, 1), float("-inf"))
+        key_peak = q.new_full((b, num_heads, 1, 1), float("-inf"))
         blocks = _token_blocks(n, features.shape[0])
         for sl in blocks:
             k_c = root_scale * k[..., sl, :]
             wk = k_c @ features.T - 0.5 * k_c.square().sum(-1, keepdim=True)
             key_peak = torch.maximum(key_peak, wk.amax((-1, -2), keepdim=True))
-        kv = q.new_zeros(b, h, features.shape[0], d)
-        k_sum = q.new_zeros(b, h, features.shape[0], 1)
+        kv = q.new_zeros(b, num_heads, features.shape[0], e // num_heads)
+        k_sum = q.new_zeros(b, num_heads, features.shape[0], 1)
         for sl in blocks:
             phi = _favor_features(root_scale * k[..., sl, :], features, eps, key_peak)
             kv += phi.transpose(-1, -2) @ v[..., sl, :]
             k_sum += phi.sum(-2).unsqueeze(-1)
-        out = qkv.new_empty(b, n, h, d)
+        out = qkv.new_empty(b, n, num_heads, e // num_heads)
         for sl in blocks:
             phi = _favor_features(root_scale * q[..., sl, :], features, eps)
             out[:, sl] = ((phi @ kv) / (phi @ k_sum)).transpose(1, 2)
-        ctx.save_for_backward(qkv, features, key_peak, kv, k_sum, out)
-        ctx.root_scale, ctx.eps = root_scale, eps
+        ctx.save_for_backward(x, weight, qkv, features, key_peak, kv, k_sum, out)
+        ctx.root_scale, ctx.eps, ctx.has_bias = root_scale, eps, bias is not None
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        qkv, features, key_peak, kv, k_sum, out = ctx.saved_tensors
-        rs, eps, n = ctx.root_scale, ctx.eps, qkv.shape[1]
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, qkv, features, key_peak, kv, k_sum, out = ctx.saved_tensors
+        rs, eps, n = ctx.root_scale, ctx.eps, x.shape[1]
         q, k, v = unpack_qkv(qkv)
         grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)  # (B, H, N, D)
-        grad_qkv = torch.empty_like(qkv)
-        dq, dk, dv = unpack_qkv(grad_qkv)
+        grads = _QKVGrad(x, weight, ctx.has_bias, 1)
         d_kv, d_k_sum = torch.zeros_like(kv), torch.zeros_like(k_sum)
         blocks = _token_blocks(n, features.shape[0])
         for sl in blocks:  # out = φ(Q) kv / (φ(Q) k_sum)
@@ -410,16 +511,16 @@ class _FavorKernels(torch.autograd.Function):
             d_kv += phi.transpose(-1, -2) @ g
             d_k_sum -= phi.transpose(-1, -2) @ t
             d_wx = (g @ kv.transpose(-1, -2)).sub_(t @ k_sum.transpose(-1, -2)).mul_(phi.sub_(eps))
-            dq[..., sl, :] = rs * (d_wx @ features - d_wx.sum(-1, keepdim=True) * q_c)
+            grads.add(0, sl, rs * (d_wx @ features - d_wx.sum(-1, keepdim=True) * q_c))
         for sl in blocks:  # kv = φ(K)ᵀ V, k_sum = φ(K)ᵀ 1
             k_c = rs * k[..., sl, :]
             phi = _favor_features(k_c, features, eps, key_peak)
-            dv[..., sl, :] = phi @ d_kv
+            grads.add(2, sl, phi @ d_kv)
             d_wx = (
                 (v[..., sl, :] @ d_kv.transpose(-1, -2)).add_(d_k_sum.transpose(-1, -2)).mul_(phi.sub_(eps))
             )
-            dk[..., sl, :] = rs * (d_wx @ features - d_wx.sum(-1, keepdim=True) * k_c)
-        return grad_qkv, None, None, None
+            grads.add(1, sl, rs * (d_wx @ features - d_wx.sum(-1, keepdim=True) * k_c))
+        return *grads.result(), None, None, None, None
 
 
 class PerformerAttention(_MultiHeadAttention):
@@ -432,8 +533,9 @@ class PerformerAttention(_MultiHeadAttention):
 
     and attention is ``D̂⁻¹ (φ(Q) (φ(K)ᵀ V))`` with ``D̂ = diag(φ(Q) (φ(K)ᵀ 1_N))`` (eq. 4): O(N M D).
     Numerically stable: each query's features are divided by their largest value and all keys' features by
-    one shared largest value per (batch, head); both factors cancel in the normalisation ``D̂⁻¹``. A fused
-    autograd function (:class:`_FavorKernels`) works block by block, so no (N × M) feature matrix is stored.
+    one shared largest value per (batch, head); both factors cancel in the normalisation ``D̂⁻¹``. One fused
+    autograd function (:class:`_FavorKernels`) runs projection and kernel block by block, so neither an
+    (N × M) feature matrix nor the (N × 3E) gradient of qkv is stored.
 
     Args:
         dim: embedding size E.
@@ -441,7 +543,8 @@ class PerformerAttention(_MultiHeadAttention):
         nb_features: M; default ``round(D ln D)`` as in the paper.
         redraw_interval: in training, draw new features every this many forward calls (``None``: never).
         generator: random generator for the first draw (reproducible layers).
-        **kwargs: ``qkv_bias``, ``qk_norm``, ``proj_bias``, ``proj_drop``, ``norm_layer``.
+        **kwargs: ``qkv_bias``, ``proj_bias``, ``proj_drop`` (``qk_norm`` is not supported: the projection
+            is fused into the kernels).
     """
 
     def __init__(
@@ -453,6 +556,7 @@ class PerformerAttention(_MultiHeadAttention):
         generator: torch.Generator | None = None,
         **kwargs,
     ) -> None:
+        _refuse_qk_norm("performer", kwargs)
         super().__init__(dim, num_heads, **kwargs)
         d = self.head_dim
         self.nb_features = nb_features or max(1, round(d * math.log(d)))
@@ -478,12 +582,17 @@ class PerformerAttention(_MultiHeadAttention):
         norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
         self.features.copy_(w * norms)
 
-    def attend(self, qkv: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)`` (``attn_mask``: see the base class)."""
+        if attn_mask is not None or is_causal or x.ndim != 3 or x.shape[-1] != self.dim:
+            return super().forward(x, attn_mask, is_causal)  # raises the ValueError
         if self.training and self.redraw_interval is not None:
             if self.calls.item() > 0 and self.calls.item() % self.redraw_interval == 0:
                 self.redraw_features()
             self.calls += 1
-        return _FavorKernels.apply(qkv, self.features.to(qkv.dtype), self.scale**0.5, self.eps)
+        features = self.features.to(x.dtype)
+        args = (self.num_heads, features, self.scale**0.5, self.eps)
+        return self.output(_FavorKernels.apply(x, self.qkv.weight, self.qkv.bias, *args))
 
 
 class LinformerAttention(_MultiHeadAttention):

@@ -1,0 +1,175 @@
+"""Viewer responsiveness while a fine-tune runs: separate process (the plugin) vs a napari thread worker.
+
+A QTimer ticking every 10 ms in the viewer's event loop records the gaps between ticks while the same real
+fine-tune (tiny U-Net on painted slices of a hippocampus volume) runs, in one run, side by side:
+
+- ``idle``: no training (the floor of this machine and display).
+- ``process``: the Fine-tune dock (``FinetuneWidget``): training in a spawned process, events polled every
+  100 ms into the live plot.
+- ``thread``: the same generator (``finetune_events``) in a napari ``thread_worker`` inside the viewer process,
+  its events into the same plot.
+
+Goal: max gap ≤ 50 ms and p99 ≤ 20 ms. Run under a display (``xvfb-run -a``)::
+
+    MEDSSL_DATA_DIR=../shared/data xvfb-run -a -s "-screen 0 1600x1000x24" \\
+        .venv/bin/python benchmarks/bench_responsiveness.py --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(os.environ.get("MEDSSL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+class TickRecorder:
+    """Ticks of a 10 ms QTimer; gaps between consecutive ticks in ms."""
+
+    def __init__(self, interval_ms: int = 10) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.times: list[float] = []
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(lambda: self.times.append(time.perf_counter()))
+
+    def start(self) -> None:
+        self.times.clear()
+        self.timer.start()
+
+    def stop(self) -> dict[str, float]:
+        self.timer.stop()
+        gaps = np.diff(self.times) * 1000 if len(self.times) > 1 else np.array([0.0])
+        return {"ticks": len(self.times), "max": float(gaps.max()), "p99": float(np.percentile(gaps, 99))}
+
+
+def pump(app, seconds: float, until=None) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end and not (until and until()):
+        app.processEvents()
+        time.sleep(0.001)
+
+
+def painted_volume():
+    from napari_medssl.io import read
+
+    img = np.asarray(read(DATA / "hippocampus" / "imagesTr" / "hippocampus_003.nii.gz")[0].data)
+    lab = np.asarray(read(DATA / "hippocampus" / "labelsTr" / "hippocampus_003.nii.gz")[0].data)
+    painted = np.zeros(lab.shape, np.uint8)
+    zs = [z for z in range(lab.shape[0]) if lab[z].any()][::3]
+    painted[zs] = lab[zs] + 1
+    return img, painted
+
+
+def run(seconds: float, steps: int) -> list[tuple[str, dict[str, float]]]:
+    import napari
+    from napari.qt.threading import thread_worker
+
+    from napari_medssl._widgets import FinetuneWidget, ModelWidget
+    from napari_medssl.finetune_process import UNLABELLED, finetune_events, segmentation_samples
+    from napari_medssl.models.registry import create_model, save_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_resp_"))
+    os.environ.setdefault("MEDSSL_RUNS_DIR", str(tmp / "runs"))
+    os.environ.setdefault("MEDSSL_AUTOSAVE_DIR", str(tmp / "autosave"))
+    ckpt = str(save_model(create_model("unet_tiny", levels=3), tmp / "unet.safetensors"))
+    img, painted = painted_volume()
+
+    viewer = napari.Viewer()
+    image = viewer.add_image(img, name="hippocampus_003")
+    mw, fw = ModelWidget(viewer), FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(mw, name="Model")
+    viewer.window.add_dock_widget(fw, name="Fine-tune")
+    mw.select(ckpt, device="cpu")
+    ann = fw.new_labels_layer()
+    ann.data = painted
+    fw.image_combo.setCurrentText(image.name)
+    fw.steps.setValue(steps)
+    fw.val_every.setValue(max(1, steps // 4))
+    fw.batch.setValue(8)
+    app = napari.qt.get_qapp()
+    rec = TickRecorder()
+    results = []
+
+    pump(app, 2.0)
+    rec.start()
+    pump(app, min(seconds, 10.0))
+    results.append(("idle viewer", rec.stop()))
+
+    # the plugin: a separate process
+    proc = fw.start()
+    pump(app, 120, until=lambda: len(fw.plot.points("loss")) >= 1)  # measure while it trains
+    n0, t0 = len(fw.plot.points("loss")), time.perf_counter()
+    rec.start()
+    pump(app, seconds, until=lambda: proc.finished)
+    res = rec.stop()
+    res["steps/s"] = (len(fw.plot.points("loss")) - n0) / (time.perf_counter() - t0)
+    fw.stop()
+    results.append(("separate process (Fine-tune dock)", res))
+
+    # the same training in a napari thread worker inside the viewer process
+    s = segmentation_samples(img, painted, 2)
+    config = dict(
+        model=ckpt,
+        task="segment",
+        out_dir=str(tmp / "thread_run"),
+        max_steps=steps,
+        batch_size=8,
+        val_every=max(1, steps // 4),
+        num_classes=3,
+        ignore_index=UNLABELLED,
+        resume=False,
+        device="cpu",
+        warmup_steps=5,
+    )
+    fw.plot.clear()
+    seen = []
+
+    def on_event(ev: dict) -> None:
+        seen.append(ev)
+        if ev["event"] == "step":
+            fw.plot.add_point("loss", ev["step"], ev["loss"])
+
+    worker = thread_worker(finetune_events, connect={"yielded": on_event}, start_thread=False)(
+        images=s["images"], labels=s["labels"], config=config, ids=s["ids"], validate_on_train=True
+    )
+    done = []
+    worker.finished.connect(lambda: done.append(True))
+    worker.start()
+    pump(app, 120, until=lambda: any(e["event"] == "step" for e in seen))
+    n0, t0 = len(seen), time.perf_counter()
+    rec.start()
+    pump(app, seconds, until=lambda: bool(done))
+    res = rec.stop()
+    res["steps/s"] = sum(e["event"] == "step" for e in seen[n0:]) / (time.perf_counter() - t0)
+    worker.quit()
+    pump(app, 30, until=lambda: bool(done))
+    results.append(("napari thread_worker", res))
+    viewer.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per scenario")
+    parser.add_argument("--steps", type=int, default=100_000, help="training steps (the window ends first)")
+    args = parser.parse_args()
+    import torch
+
+    print(f"torch threads in the viewer process: {torch.get_num_threads()}, cores: {os.cpu_count()}")
+    results = run(args.seconds, args.steps)
+    print("| training runs in | ticks | max gap ms | p99 gap ms | training steps/s |")
+    print("|---|---|---|---|---|")
+    for name, r in results:
+        rate = f"{r['steps/s']:.2f}" if "steps/s" in r else "—"
+        print(f"| {name} | {r['ticks']} | {r['max']:.1f} | {r['p99']:.1f} | {rate} |")
+
+
+if __name__ == "__main__":
+    main()
