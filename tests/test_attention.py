@@ -43,6 +43,7 @@ def test_kinds_registered():
 
 CASES = [(kind, SMALL.get(kind, {})) for kind in sorted(ATTENTION_KINDS)]
 CASES.append(("nystrom", {**SMALL["nystrom"], "conv_kernel": 5}))  # with the paper's depthwise-conv skip
+CASES.append(("performer", {**SMALL["performer"], "qkv_bias": False}))
 
 
 @pytest.mark.parametrize(("kind", "options"), CASES)
@@ -72,6 +73,8 @@ def test_bad_arguments_are_value_errors():
         make_attention("nystrom", 32, 4, k=8)
     with pytest.raises(ValueError, match="num_landmarks must be >= 1"):
         make_attention("nystrom", 32, 4, num_landmarks=0)
+    with pytest.raises(ValueError, match="qk_norm=True is not supported by the 'performer' kind"):
+        make_attention("performer", 32, 4, qk_norm=True)
     with pytest.raises(ValueError, match=r"\(B, N, 32\)"):
         make_attention("nystrom", 32, 4)(torch.randn(2, 100, 16))
 
