@@ -69,6 +69,7 @@ def test_the_payload_is_live(tmp_path: Path) -> None:
     assert marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_library_loaders_refuse_pickles(evil: dict[str, Path]) -> None:
     from napari_medssl.engine.build import build_model
     from napari_medssl.models.dino import load_dino_checkpoint

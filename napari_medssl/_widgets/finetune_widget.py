@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -182,7 +183,8 @@ class FinetuneWidget(QWidget):
         self.use_best_btn.setEnabled(False)
         self.plot = CurvePlot(("loss", "val"))
         self.status_label = QLabel("idle")
-        self.status_label.setWordWrap(True)
+        # a fixed-size line: live text must not re-layout the window (that redraws the canvas on every step)
+        self.status_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.autosave_combo = QComboBox()
         self.restore_btn = QPushButton("Restore")
 
@@ -223,7 +225,7 @@ class FinetuneWidget(QWidget):
         layout.addLayout(restore_row)
 
         self.timer = QTimer(self)
-        self.timer.setInterval(100)
+        self.timer.setInterval(500)  # each repaint composites the whole window (OpenGL canvas): keep it rare
         self.timer.timeout.connect(self.poll)
         self.autosave_timer = QTimer(self)
         self.autosave_timer.setSingleShot(True)
