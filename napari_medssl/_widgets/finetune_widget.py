@@ -225,7 +225,7 @@ class FinetuneWidget(QWidget):
         layout.addLayout(restore_row)
 
         self.timer = QTimer(self)
-        self.timer.setInterval(500)  # each repaint composites the whole window (OpenGL canvas): keep it rare
+        self.timer.setInterval(1000)  # each repaint composites the whole window (OpenGL canvas): keep it rare
         self.timer.timeout.connect(self.poll)
         self.autosave_timer = QTimer(self)
         self.autosave_timer.setSingleShot(True)
