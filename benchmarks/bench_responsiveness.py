@@ -127,6 +127,36 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
         fw.stop()
         return res
 
+    def in_process_undrawn(k: int) -> dict[str, float]:
+        from qtpy.QtCore import QTimer
+
+        from napari_medssl.finetune_process import TrainingProcess
+
+        proc = TrainingProcess(
+            "napari_medssl.finetune_process:finetune_events",
+            dict(
+                images=s["images"],
+                labels=s["labels"],
+                config={**config, "out_dir": str(tmp / f"undrawn_run{k}")},
+                ids=s["ids"],
+                validate_on_train=True,
+            ),
+        ).start()
+        seen: list[dict] = []
+        poller = QTimer()
+        poller.setInterval(100)
+        poller.timeout.connect(lambda: seen.extend(proc.poll()))
+        poller.start()
+        pump(app, 120, until=lambda: any(e["event"] == "step" for e in seen))
+        n0, t0 = len(seen), time.perf_counter()
+        rec.start()
+        pump(app, seconds, until=lambda: proc.finished)
+        res = rec.stop()
+        res["steps/s"] = sum(e["event"] == "step" for e in seen[n0:]) / (time.perf_counter() - t0)
+        poller.stop()
+        proc.stop()
+        return res
+
     def in_thread(k: int) -> dict[str, float]:
         fw.plot.clear()
         seen: list[dict] = []
@@ -160,9 +190,15 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
     results = []
     for k in range(rounds):
         results.append((f"idle viewer (round {k + 1})", {**idle(), "load": os.getloadavg()[0]}))
-        results.append((f"separate process (round {k + 1})", {**in_process(), "load": os.getloadavg()[0]}))
+        load = os.getloadavg
         results.append(
-            (f"napari thread_worker (round {k + 1})", {**in_thread(k), "load": os.getloadavg()[0]})
+            (f"separate process, Fine-tune dock (round {k + 1})", {**in_process(), "load": load()[0]})
+        )
+        results.append(
+            (f"separate process, not drawn (round {k + 1})", {**in_process_undrawn(k), "load": load()[0]})
+        )
+        results.append(
+            (f"napari thread_worker, same plot (round {k + 1})", {**in_thread(k), "load": load()[0]})
         )
     viewer.close()
     return results

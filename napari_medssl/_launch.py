@@ -32,29 +32,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def choose_model(names: Sequence[str], spatial_dims: int, hint: str, tasks: dict[str, str]) -> str | None:
-    """A zoo model for the opened image: one whose name mentions ``hint`` (the data), a segmenter for a
-    volume and a classifier for a 2D image first; ``None`` when the zoo is empty."""
-    if not names:
+def choose_model(cards: dict[str, dict[str, Any]], spatial_dims: int, hint: str) -> str | None:
+    """A zoo model for the opened image: names mentioning ``hint`` (the data) first, then a segmenter for a
+    volume or a classifier for a 2D image, then the best validation metric; ``None`` when the zoo is empty."""
+    if not cards:
         return None
     want = "segment" if spatial_dims == 3 else "classify"
 
-    def rank(name: str) -> tuple[int, int, int, str]:
-        return (hint.lower() not in name.lower(), tasks.get(name) != want, tasks.get(name) is None, name)
+    def score(card: dict[str, Any]) -> float:
+        metrics = card.get("metrics") or {}
+        for key in ("mean_dice", "auc", "accuracy"):
+            if isinstance(metrics.get(key), int | float):
+                return float(metrics[key])
+        return 0.0
 
-    return sorted(names, key=rank)[0]
+    def rank(name: str) -> tuple[bool, bool, float, str]:
+        card = cards[name]
+        return (hint.lower() not in name.lower(), card.get("task") != want, -score(card), name)
+
+    return sorted(cards, key=rank)[0]
 
 
-def _zoo_tasks() -> dict[str, str]:
+def _zoo_cards() -> dict[str, dict[str, Any]]:
     from napari_medssl import zoo
 
-    tasks = {}
+    cards = {}
     for name in zoo.list_zoo():
         try:
-            tasks[name] = str(zoo.card(name).get("task"))
-        except ValueError:
+            cards[name] = zoo.card(name)
+        except ValueError:  # a broken card: skip it here, the Model dock reports it
             continue
-    return tasks
+    return cards
 
 
 def open_layers(viewer: Any, args: argparse.Namespace) -> Any:
@@ -96,9 +104,8 @@ def setup(viewer: Any, args: argparse.Namespace) -> dict[str, Any]:
         docks[name] = widget
     model = args.model
     if model is None:
-        tasks = _zoo_tasks()
         hint = args.sample if not args.image else image.name
-        model = choose_model(sorted(tasks), 3 if image.ndim == 3 and not image.rgb else 2, hint, tasks)
+        model = choose_model(_zoo_cards(), 3 if image.ndim == 3 and not image.rgb else 2, hint)
     if model is None:
         show_warning(
             "The model zoo is empty: train one (see models/README) or open a .safetensors checkpoint"

@@ -26,13 +26,17 @@ def main() -> None:
         if not rows:
             continue
         print(f"\n### {task}\n")
-        print("| model | " + " | ".join(cols) + " | MB | trained by | measured by |")
-        print("|---" * (len(cols) + 4) + "|")
+        print("| model | " + " | ".join(cols) + " | weights MB | reproduce |")
+        print("|---" * (len(cols) + 3) + "|")
         for c in rows:
             m = c.get("metrics") or {}
             vals = " | ".join(f"{m[k]:.3f}" if isinstance(m.get(k), float) else "—" for k in cols)
             mb = c["weights"]["size_bytes"] / 1e6
-            print(f"| `{c['name']}` | {vals} | {mb:.1f} | `{c['command']}` | `{c['metrics_command']}` |")
+            print(f"| `{c['name']}` | {vals} | {mb:.1f} | [commands](#{c['name']}) |")
+    print("\n## Commands\n")
+    for c in cards:
+        print(f"### {c['name']}\n\ntrained by:\n\n```bash\n{c['command'].replace(' && ', chr(10))}\n```\n")
+        print(f"measured by:\n\n```bash\n{c['metrics_command']}\n```\n")
 
 
 if __name__ == "__main__":

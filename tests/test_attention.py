@@ -255,3 +255,21 @@ def test_every_kind_replaces_the_attention_of_a_timm_block(kind):
     if kind != "sdpa":
         with pytest.raises(ValueError, match="takes no attn_mask"):
             block(x, is_causal=True)
+
+
+@pytest.mark.parametrize("kind", ["nystrom", "performer"])
+def test_cpu_threads_only_change_speed_and_are_restored(kind):
+    torch.manual_seed(0)
+    one = make_attention(kind, 32, 4, **SMALL[kind])  # default cpu_threads=1
+    default = make_attention(kind, 32, 4, **SMALL[kind], cpu_threads=None)
+    default.load_state_dict(one.state_dict())
+    x = torch.randn(2, 300, 32, requires_grad=True)
+    threads = torch.get_num_threads()
+    one(x).sum().backward()
+    assert torch.get_num_threads() == threads
+    grad_one, x.grad = x.grad, None
+    default(x).sum().backward()
+    torch.testing.assert_close(one(x), default(x))
+    torch.testing.assert_close(grad_one, x.grad)
+    with pytest.raises(ValueError, match="cpu_threads must be >= 1 or None"):
+        make_attention(kind, 32, 4, cpu_threads=0)

@@ -326,8 +326,12 @@ def test_launch_opens_docks_image_and_zoo_model_and_closing_stops_training(
         widgets = {name.split(" (")[0]: w for name, w in viewer.window.dock_widgets.items()}
         assert set(widgets) == {"Model", "Attention & masking", "Fine-tune"}
         mw, fw = widgets["Model"], widgets["Fine-tune"]
-        assert mw.source() == "unet_tiny_hippocampus"
-        assert "MSD hippocampus" in mw.card_label.text() and "mean_dice" in mw.card_label.text()
+        chosen = mw.source()  # the best hippocampus segmenter in the zoo (ours, or a trained one in models/)
+        cards = {n: zoo.card(n) for n in zoo.list_zoo()}
+        assert "hippocampus" in chosen and cards[chosen]["task"] == "segment"
+        dice_of = {n: c["metrics"].get("mean_dice", 0) for n, c in cards.items() if "hippocampus" in n}
+        assert cards[chosen]["metrics"]["mean_dice"] == max(dice_of.values())
+        assert cards[chosen]["data"]["name"] in mw.card_label.text() and "mean_dice" in mw.card_label.text()
         image = viewer.layers[mw.image_combo.currentText()]
         assert image.ndim == 3 and "hippocampus" in image.name
         shot(viewer, qtbot, test_output, "launch")

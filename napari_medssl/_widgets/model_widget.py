@@ -36,6 +36,7 @@ from napari_medssl._widgets._session import ModelChoice, get_session
 
 CHECKPOINT_ITEM = "Checkpoint file…"
 SCOPES = ("current slice", "whole volume")
+HEADLINE_METRICS = ("mean_dice", "auc", "balanced_accuracy", "accuracy", "mean_iou")
 
 
 class _Relay(QObject):
@@ -77,12 +78,20 @@ def summarize_card(card: dict[str, Any], model: Any = None) -> str:
         if isinstance(val, dict):
             val = val.get("name") or _short(val)
         if val:
-            rows.append((key, val if isinstance(val, str) else _short(val)))
+            text = val if isinstance(val, str) else _short(val)
+            rows.append((key, text if len(text) <= 90 else text[:88] + "…"))
     metrics = card.get("metrics")
     if isinstance(metrics, dict):
-        shown = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.startswith("n_")}
+        order = sorted(
+            shown,
+            key=lambda k: (
+                k not in HEADLINE_METRICS,
+                HEADLINE_METRICS.index(k) if k in HEADLINE_METRICS else 0,
+            ),
+        )
         if shown:
-            rows.append(("metrics", ", ".join(f"{k} {v:.3g}" for k, v in list(shown.items())[:4])))
+            rows.append(("metrics", ", ".join(f"{k} {shown[k]:.3g}" for k in order[:4])))
     classes = class_names(model, card)
     if classes:
         rows.append(("classes", ", ".join(classes)))

@@ -197,7 +197,7 @@ _BLOCK_ELEMENTS = 4096 * 64  # per (batch, head): the fused kernels' (tokens × 
 
 
 def _token_blocks(n: int, width: int) -> list[slice]:
-    """Slices covering ``range(n)``: blocks of N/8 tokens (at least 256), at most ``_BLOCK_ELEMENTS // width``.
+    """Slices covering ``range(n)``: blocks of N/8 tokens (≥ 256), at most ``_BLOCK_ELEMENTS // width``.
 
     A block's (tokens × width) temporaries then stay a small fraction of one (N × D) tensor at any N.
     """
@@ -206,19 +206,22 @@ def _token_blocks(n: int, width: int) -> list[slice]:
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run tiny CPU ops on one intra-op thread.
+def _intra_op_threads(threads: int | None, device: torch.device) -> Iterator[None]:
+    """Run the CPU ops inside on ``threads`` intra-op threads (``None``, or not on CPU: leave as set).
 
-    The Nyström M × M graph is ~100 products of 64 × 64 matrices, about a millisecond of work; spread over
-    several threads on a busy machine each of them waits for the slowest thread (measured: 14 ms on one
-    thread vs 150–1100 ms on two, 2 cores at load 9). Restores the thread count afterwards.
+    The fused kernels below are many mid-size tensor ops; on a machine whose cores are shared, each op split
+    over several threads waits at its end for the slowest one. Measured on 2 shared cores (load 5–9),
+    Nyström at 16k tokens, forward + backward: 0.44 s with its kernels on one thread, 1.2–4.5 s on two.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    if threads is None or device.type != "cpu" or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _landmark_mix(q_land: Tensor, k_land: Tensor, kv3: Tensor, scale: float, iterations: int) -> Tensor:
@@ -298,6 +301,7 @@ class _NystromKernels(torch.autograd.Function):
         num_landmarks: int,
         iterations: int,
         scale: float,
+        threads: int | None,
     ) -> Tensor:
         b, n, e = x.shape
         qkv = F.linear(x, weight, bias).view(b, n, 3, num_heads, e // num_heads)
@@ -318,18 +322,25 @@ class _NystromKernels(torch.autograd.Function):
         kv3 = kv3 / denom  # softmax(s Q̃ Kᵀ) V
         lse3 = run_max + denom.log()
         needs_grad = any(ctx.needs_input_grad[:3])
-        with torch.enable_grad(), _one_thread():  # keep the small M × M graph of W
+        with torch.enable_grad(), _intra_op_threads(1, x.device):  # keep the small M × M graph of W
             leaves = [t.detach().requires_grad_(needs_grad) for t in (q_land, k_land, kv3)]
             w_graph = _landmark_mix(*leaves, scale, iterations)
         w = w_graph.detach()
         out = F.scaled_dot_product_attention(q, k_land, w, scale=scale)  # softmax(s Q K̃ᵀ) W
         ctx.save_for_backward(x, weight, qkv, q_land, k_land, kv3, lse3, w)
         ctx.small_graph, ctx.scale, ctx.has_bias = (leaves, w_graph), scale, bias is not None
+        ctx.threads = threads
         return out.transpose(1, 2).contiguous()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        with _intra_op_threads(ctx.threads, grad_out.device):
+            return *_NystromKernels.gradients(ctx, grad_out), None, None, None, None, None
+
+    @staticmethod
+    def gradients(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """dx, dW, db of the qkv projection."""
         x, weight, qkv, q_land, k_land, kv3, lse3, w = ctx.saved_tensors
         scale, n, m = ctx.scale, x.shape[1], q_land.shape[-2]
         q, k, v = unpack_qkv(qkv)
@@ -346,7 +357,7 @@ class _NystromKernels(torch.autograd.Function):
             ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)  # dS / s
             grads.add(0, sl, ds @ k_land_s)
             dk_land += ds.transpose(-1, -2) @ q_c
-        with _one_thread():
+        with _intra_op_threads(1, x.device):
             dq_land, dk_land_2, dkv3 = torch.autograd.grad(ctx.small_graph[1], ctx.small_graph[0], dw)
         dk_land = dk_land_2.add_(dk_land, alpha=scale)
         delta = (dkv3 * kv3).sum(-1, keepdim=True)  # rowsum(P3 ∘ dP3)
@@ -360,7 +371,7 @@ class _NystromKernels(torch.autograd.Function):
             dq_land_3 += ds @ k_c
         grads.add_landmarks(0, dq_land.add_(dq_land_3, alpha=scale))
         grads.add_landmarks(1, dk_land)
-        return *grads.result(), None, None, None, None
+        return grads.result()
 
 
 class NystromAttention(_MultiHeadAttention):
@@ -386,6 +397,9 @@ class NystromAttention(_MultiHeadAttention):
         pinv_iterations: iterations of :func:`iterative_pinv` (paper: 6).
         conv_kernel: if set, the paper's skip connection: a depthwise convolution of V along the token axis
             (one kernel of this odd length per head) added to the output. ``None`` (default) leaves it out.
+        cpu_threads: intra-op threads for the fused kernels on CPU (default 1: their many mid-size ops lose
+            more to thread synchronisation than they gain, see :func:`_intra_op_threads`); ``None`` uses
+            PyTorch's setting. The output projection always uses PyTorch's setting.
         **kwargs: ``qkv_bias``, ``proj_bias``, ``proj_drop`` (``qk_norm`` is not supported: the projection
             is fused into the kernels).
     """
@@ -397,6 +411,7 @@ class NystromAttention(_MultiHeadAttention):
         num_landmarks: int = 64,
         pinv_iterations: int = 6,
         conv_kernel: int | None = None,
+        cpu_threads: int | None = 1,
         **kwargs,
     ) -> None:
         _refuse_qk_norm("nystrom", kwargs)
@@ -407,19 +422,21 @@ class NystromAttention(_MultiHeadAttention):
             raise ValueError(f"conv_kernel must be a positive odd length or None, got {conv_kernel}")
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
+        self.cpu_threads = _check_threads(cpu_threads)
         self.conv = None
         if conv_kernel is not None:
             h = num_heads
             self.conv = nn.Conv2d(h, h, (conv_kernel, 1), padding=(conv_kernel // 2, 0), groups=h, bias=False)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)`` (``attn_mask``: see the base class)."""
+        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)`` (``attn_mask``: base class)."""
         if attn_mask is not None or is_causal or x.ndim != 3 or x.shape[1] <= self.num_landmarks:
             return super().forward(x, attn_mask, is_causal)  # validation, or exact attention for N ≤ M
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected tokens of shape (B, N, {self.dim}), got {tuple(x.shape)}")
-        args = (self.num_heads, self.num_landmarks, self.pinv_iterations, self.scale)
-        out = _NystromKernels.apply(x, self.qkv.weight, self.qkv.bias, *args)  # (B, N, H, D)
+        args = (self.num_heads, self.num_landmarks, self.pinv_iterations, self.scale, self.cpu_threads)
+        with _intra_op_threads(self.cpu_threads, x.device):
+            out = _NystromKernels.apply(x, self.qkv.weight, self.qkv.bias, *args)  # (B, N, H, D)
         if self.conv is not None:
             e = self.dim
             bias = None if self.qkv.bias is None else self.qkv.bias[2 * e :]
@@ -433,6 +450,12 @@ class NystromAttention(_MultiHeadAttention):
         if self.conv is not None:
             out = out + self.conv(qkv[:, :, 2].transpose(1, 2)).transpose(1, 2)
         return out
+
+
+def _check_threads(threads: int | None) -> int | None:
+    if threads is not None and threads < 1:
+        raise ValueError(f"cpu_threads must be >= 1 or None, got {threads}")
+    return threads
 
 
 def _refuse_qk_norm(kind: str, kwargs: dict) -> None:
@@ -469,6 +492,7 @@ class _FavorKernels(torch.autograd.Function):
         features: Tensor,
         root_scale: float,
         eps: float,
+        threads: int | None,
     ) -> Tensor:
         b, n, e = x.shape
         qkv = F.linear(x, weight, bias).view(b, n, 3, num_heads, e // num_heads)
@@ -490,12 +514,18 @@ class _FavorKernels(torch.autograd.Function):
             phi = _favor_features(root_scale * q[..., sl, :], features, eps)
             out[:, sl] = ((phi @ kv) / (phi @ k_sum)).transpose(1, 2)
         ctx.save_for_backward(x, weight, qkv, features, key_peak, kv, k_sum, out)
-        ctx.root_scale, ctx.eps, ctx.has_bias = root_scale, eps, bias is not None
+        ctx.root_scale, ctx.eps, ctx.has_bias, ctx.threads = root_scale, eps, bias is not None, threads
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        with _intra_op_threads(ctx.threads, grad_out.device):
+            return *_FavorKernels.gradients(ctx, grad_out), None, None, None, None, None
+
+    @staticmethod
+    def gradients(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """dx, dW, db of the qkv projection."""
         x, weight, qkv, features, key_peak, kv, k_sum, out = ctx.saved_tensors
         rs, eps, n = ctx.root_scale, ctx.eps, x.shape[1]
         q, k, v = unpack_qkv(qkv)
@@ -520,7 +550,7 @@ class _FavorKernels(torch.autograd.Function):
                 (v[..., sl, :] @ d_kv.transpose(-1, -2)).add_(d_k_sum.transpose(-1, -2)).mul_(phi.sub_(eps))
             )
             grads.add(1, sl, rs * (d_wx @ features - d_wx.sum(-1, keepdim=True) * k_c))
-        return *grads.result(), None, None, None, None
+        return grads.result()
 
 
 class PerformerAttention(_MultiHeadAttention):
@@ -543,6 +573,8 @@ class PerformerAttention(_MultiHeadAttention):
         nb_features: M; default ``round(D ln D)`` as in the paper.
         redraw_interval: in training, draw new features every this many forward calls (``None``: never).
         generator: random generator for the first draw (reproducible layers).
+        cpu_threads: intra-op threads for the fused kernels on CPU (default 1, as for ``nystrom``); ``None``
+            uses PyTorch's setting.
         **kwargs: ``qkv_bias``, ``proj_bias``, ``proj_drop`` (``qk_norm`` is not supported: the projection
             is fused into the kernels).
     """
@@ -554,6 +586,7 @@ class PerformerAttention(_MultiHeadAttention):
         nb_features: int | None = None,
         redraw_interval: int | None = None,
         generator: torch.Generator | None = None,
+        cpu_threads: int | None = 1,
         **kwargs,
     ) -> None:
         _refuse_qk_norm("performer", kwargs)
@@ -565,6 +598,7 @@ class PerformerAttention(_MultiHeadAttention):
         if redraw_interval is not None and redraw_interval < 1:
             raise ValueError(f"redraw_interval must be >= 1 or None, got {redraw_interval}")
         self.redraw_interval = redraw_interval
+        self.cpu_threads = _check_threads(cpu_threads)
         self.eps = 1e-6
         self.register_buffer("features", torch.empty(self.nb_features, d))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
@@ -583,7 +617,7 @@ class PerformerAttention(_MultiHeadAttention):
         self.features.copy_(w * norms)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)`` (``attn_mask``: see the base class)."""
+        """Self-attention over tokens ``x`` ``(B, N, E)`` → ``(B, N, E)`` (``attn_mask``: base class)."""
         if attn_mask is not None or is_causal or x.ndim != 3 or x.shape[-1] != self.dim:
             return super().forward(x, attn_mask, is_causal)  # raises the ValueError
         if self.training and self.redraw_interval is not None:
@@ -591,8 +625,10 @@ class PerformerAttention(_MultiHeadAttention):
                 self.redraw_features()
             self.calls += 1
         features = self.features.to(x.dtype)
-        args = (self.num_heads, features, self.scale**0.5, self.eps)
-        return self.output(_FavorKernels.apply(x, self.qkv.weight, self.qkv.bias, *args))
+        args = (self.num_heads, features, self.scale**0.5, self.eps, self.cpu_threads)
+        with _intra_op_threads(self.cpu_threads, x.device):
+            out = _FavorKernels.apply(x, self.qkv.weight, self.qkv.bias, *args)  # (B, N, H, D)
+        return self.output(out)
 
 
 class LinformerAttention(_MultiHeadAttention):
@@ -658,8 +694,9 @@ def make_attention(kind: str, dim: int, num_heads: int, **kwargs) -> _MultiHeadA
         num_heads: H.
         **kwargs: shared ``qkv_bias`` (True), ``qk_norm``, ``proj_bias``, ``proj_drop``, ``norm_layer``, and
             the kind's own options: sdpa ``attn_drop``; nystrom ``num_landmarks`` (64),
-            ``pinv_iterations`` (6), ``conv_kernel`` (None); performer ``nb_features`` (D ln D),
-            ``redraw_interval``, ``generator``; linformer ``k`` (256), ``seq_len`` (1024), ``share_kv``.
+            ``pinv_iterations`` (6), ``conv_kernel`` (None), ``cpu_threads`` (1); performer ``nb_features``
+            (D ln D), ``redraw_interval``, ``generator``, ``cpu_threads`` (1); linformer ``k`` (256),
+            ``seq_len`` (1024), ``share_kv``.
 
     Raises:
         ValueError: unknown kind, an option the kind does not take, or inconsistent sizes.
