@@ -73,13 +73,6 @@ def summarize_card(card: dict[str, Any], model: Any = None) -> str:
     if not card and model is None:
         return "<i>no model card</i>"
     rows: list[tuple[str, str]] = []
-    for key in ("name", "description", "task", "architecture", "data", "licence"):
-        val = card.get(key)
-        if isinstance(val, dict):
-            val = val.get("name") or _short(val)
-        if val:
-            text = val if isinstance(val, str) else _short(val)
-            rows.append((key, text if len(text) <= 90 else text[:88] + "…"))
     metrics = card.get("metrics")
     if isinstance(metrics, dict):
         shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.startswith("n_")}
@@ -95,6 +88,13 @@ def summarize_card(card: dict[str, Any], model: Any = None) -> str:
     classes = class_names(model, card)
     if classes:
         rows.append(("classes", ", ".join(classes)))
+    for key in ("task", "architecture", "data", "description", "licence"):
+        val = card.get(key)
+        if isinstance(val, dict):
+            val = val.get("name") or _short(val)
+        if val:
+            text = val if isinstance(val, str) else _short(val)
+            rows.append((key, text if len(text) <= 90 else text[:88] + "…"))
     if model is not None:
         rows.append(("model", f"{getattr(model, 'config', {}).get('name', type(model).__name__)}"))
         rows.append(("task", str(getattr(model, "task", "?"))))
