@@ -82,6 +82,7 @@ def spawn(kind: str, n: int, args: argparse.Namespace, single_pass: bool = False
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, __file__, "--worker", kind, str(n), "--repeats", str(args.repeats)]
     cmd += ["--dim", str(args.dim), "--heads", str(args.heads)] + (["--single-pass"] if single_pass else [])
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -96,11 +97,16 @@ def main() -> None:
     parser.add_argument(
         "--time-limit", type=float, default=300.0, help="skip sdpa cases estimated slower (s)"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--single-pass", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.worker:
         kind, n = args.worker
         print(json.dumps(run_case(kind, int(n), args.repeats, args.dim, args.heads, args.single_pass)))
