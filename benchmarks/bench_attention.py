@@ -7,16 +7,17 @@ gradients as in training (``x.requires_grad``; ``y.backward(g)``).
 
 Each (kind, N) case runs in a fresh subprocess, so no allocation of one case inflates another's peak.
 Times: the median of ``--repeats`` passes after a warm-up pass (a case whose warm-up pass alone takes
-longer than 10 s is timed by that pass; an sdpa case estimated over 60 s runs once, the memory pass below,
-which is then also its timed pass). Peak memory is read from the kernel, not from Python, in one more
-pass: the worker switches glibc to one mapping per allocation of 64 KiB or more (``mallopt``), so every
-freed tensor buffer goes straight back to the kernel and the resident set tracks the live tensors, trims
-the heap, resets the resident-set high-water mark (``echo 5 > /proc/self/clear_refs``) and reports
-``VmHWM − VmRSS at the reset`` from ``/proc/self/status``. Layer, input ``x`` and upstream gradient ``g``
-exist before the reset and do not count; the output, every activation and every gradient (input and
-parameters, freed before each pass) do. Exact ``sdpa`` is skipped where its time, extrapolated as N² from
-the previous size, would exceed ``--time-limit`` seconds; the table says so. The ratios are sdpa / kind
-for time (speed-up) and kind / sdpa for memory.
+longer than 10 s is timed by that pass; an sdpa case estimated over 60 s runs only once, as its memory
+pass). Peak memory is read from the kernel, not from Python, as the median of three more passes (one for
+those slow sdpa cases; it varies by ±10–20 % from pass to pass, even within one process). For them the
+worker switches glibc to one mapping per allocation of 64 KiB or more (``mallopt``), so every freed
+tensor buffer goes straight back to the kernel and the resident set tracks the live tensors; before each
+pass it trims the heap, resets the resident-set high-water mark (``echo 5 > /proc/self/clear_refs``) and
+then reports ``VmHWM − VmRSS at the reset`` from ``/proc/self/status``. Layer, input ``x`` and upstream
+gradient ``g`` exist before the reset and do not count; the output, every activation and every gradient
+(input and parameters, freed before each pass) do. Exact ``sdpa`` is skipped where its time, extrapolated
+as N² from the previous size, would exceed ``--time-limit`` seconds; the table says so. The ratios are
+sdpa / kind for time (speed-up) and kind / sdpa for memory.
 """
 
 from __future__ import annotations
@@ -68,11 +69,14 @@ def run_case(kind: str, n: int, repeats: int, dim: int, heads: int, single_pass:
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)  # from now on every tensor buffer is its own mapping
-    libc.malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    rss0 = _status_kib("VmRSS")
-    memory_pass_s = step()
-    peak_mib = (_status_kib("VmHWM") - rss0) / 1024
+    peaks = []
+    for _ in range(1 if single_pass else 3):
+        libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        rss0 = _status_kib("VmRSS")
+        memory_pass_s = step()
+        peaks.append((_status_kib("VmHWM") - rss0) / 1024)
+    peak_mib = sorted(peaks)[len(peaks) // 2]
     time_s = times[len(times) // 2] if times else memory_pass_s
     return {"kind": kind, "n": n, "time_s": time_s, "peak_mib": peak_mib, "single_pass": single_pass}
 
