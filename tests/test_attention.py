@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import napari_medssl.models.layers.attention as attention
+import napari_medssl.models.layers._attention_kernels as kernels
 from napari_medssl.models.layers import ATTENTION_KINDS, make_attention
 from napari_medssl.models.layers.attention import iterative_pinv, segment_means
 
@@ -106,7 +106,7 @@ def nystrom_reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [1000, 1024, 129])
 def test_fused_nystrom_equals_plain_formula(n, monkeypatch):
-    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 100 * 16)  # blocks of 100 tokens, a ragged last one
+    monkeypatch.setattr(kernels, "_BLOCK_ELEMENTS", 100 * 16)  # blocks of 100 tokens, a ragged last one
     torch.manual_seed(0)
     layer = make_attention("nystrom", 32, 4, num_landmarks=16).double()
     x = torch.randn(2, n, 32, dtype=torch.float64, requires_grad=True)
@@ -148,7 +148,7 @@ def performer_reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 
 @pytest.mark.parametrize("n", [1000, 37])
 def test_fused_performer_equals_plain_formula(n, monkeypatch):
-    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 100 * 24)
+    monkeypatch.setattr(kernels, "_BLOCK_ELEMENTS", 100 * 24)
     torch.manual_seed(0)
     layer = make_attention("performer", 32, 4, nb_features=24).double()
     x = torch.randn(2, n, 32, dtype=torch.float64, requires_grad=True)
