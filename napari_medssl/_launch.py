@@ -14,6 +14,8 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from napari_medssl._gl_guard import keep_triton_out
+
 DOCKS = ("Model", "Attention & masking", "Fine-tune")
 PLUGIN = "napari-medssl"
 
@@ -129,6 +131,7 @@ def main(argv: Sequence[str] | None = None, run: bool = True) -> Any:
     Returns:
         The viewer (useful with ``run=False``, in tests and notebooks).
     """
+    keep_triton_out()  # before napari makes an OpenGL context and before torch: see _gl_guard
     import napari
 
     args = parse_args(argv)

@@ -5,8 +5,12 @@
 - :class:`FinetuneWidget` — fine-tune on painted labels in a separate process (``finetune_widget.py``).
 """
 
-from napari_medssl._widgets.finetune_widget import FinetuneWidget
-from napari_medssl._widgets.model_widget import ModelWidget
-from napari_medssl._widgets.overlay_widget import OverlayWidget
+from napari_medssl._gl_guard import keep_triton_out
+
+keep_triton_out()  # before any torch import in the viewer process: see _gl_guard
+
+from napari_medssl._widgets.finetune_widget import FinetuneWidget  # noqa: E402
+from napari_medssl._widgets.model_widget import ModelWidget  # noqa: E402
+from napari_medssl._widgets.overlay_widget import OverlayWidget  # noqa: E402
 
 __all__ = ["FinetuneWidget", "ModelWidget", "OverlayWidget"]
