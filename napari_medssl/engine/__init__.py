@@ -4,7 +4,7 @@ See ``README.md`` in this folder for the map. Typical use::
 
     from napari_medssl.engine import TrainConfig, train
 
-    cfg = TrainConfig(model="unet_tiny", task="segment", data="../shared/data/hippocampus", out_dir="runs/h")
+    cfg = TrainConfig(model="unet_tiny", task="segment", data="$MEDSSL_DATA_DIR/hippocampus", out_dir="runs/h")
     for event in train(cfg):
         if event["event"] == "val":
             print(event["step"], event["metrics"]["mean_dice"])

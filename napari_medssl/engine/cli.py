@@ -25,11 +25,11 @@ works too). DATA is an MSD-layout folder (imagesTr/, labelsTr/), a mini-MIAS fol
 a PNG/TIFF folder with labels.csv (image,label) or masks/, a DICOM folder, or a MedMNIST .npz.
 
 examples:
-  medssl finetune --model unet_tiny --data ../shared/data/hippocampus --task segment --out runs/unet_hippo
-  medssl pretrain --model mae_tiny --data ../shared/data/mammography_mias --out runs/mae_mias --max-steps 2000
-  medssl finetune --model runs/mae_mias/best.safetensors --data ../shared/data/mammography_mias \\
+  medssl finetune --model unet_tiny --data $MEDSSL_DATA_DIR/hippocampus --task segment --out runs/unet_hippo
+  medssl pretrain --model mae_tiny --data $MEDSSL_DATA_DIR/mammography_mias --out runs/mae_mias --max-steps 2000
+  medssl finetune --model runs/mae_mias/best.safetensors --data $MEDSSL_DATA_DIR/mammography_mias \\
       --task classify --out runs/mae_mias_cls
-  medssl evaluate --model runs/unet_hippo/best.safetensors --data ../shared/data/hippocampus --split val \\
+  medssl evaluate --model runs/unet_hippo/best.safetensors --data $MEDSSL_DATA_DIR/hippocampus --split val \\
       --out metrics.json
   medssl predict --model runs/unet_hippo/best.safetensors --input hippocampus_001.nii.gz --output labels.nii.gz
   torchrun --nproc_per_node=2 -m napari_medssl.engine.cli finetune ...   (DDP: one process per GPU/CPU share)
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="self-supervised pretraining (MAE, DINO, MSMAE, MIRAM, MiM)",
         description="Pretrain with the model's own objective; labels are ignored (MSMAE uses "
         "class labels when the data have them). Example:\n  medssl pretrain --model mae_tiny "
-        "--data ../shared/data/mammography_mias --out runs/mae",
+        "--data $MEDSSL_DATA_DIR/mammography_mias --out runs/mae",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_arg(p, "architecture, zoo model or checkpoint to continue from")
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a classifier or segmenter (from scratch or a checkpoint)",
         description="Fine-tune for classification or segmentation. Weights of a checkpoint that "
         "fit are kept; a head of another size starts fresh. Example:\n  medssl finetune --model "
-        "unet_tiny --data ../shared/data/hippocampus --task segment --out runs/unet",
+        "unet_tiny --data $MEDSSL_DATA_DIR/hippocampus --task segment --out runs/unet",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_arg(p, "architecture, zoo model or checkpoint to start from")
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics of a model on a data folder",
         description="Segmentation: per-label Dice and IoU, mean_dice, mean_iou (per case, "
         "averaged). Classification: accuracy, balanced_accuracy, auc. Example:\n  medssl evaluate "
-        "--model runs/unet/best.safetensors --data ../shared/data/hippocampus --split val --out m.json",
+        "--model runs/unet/best.safetensors --data $MEDSSL_DATA_DIR/hippocampus --split val --out m.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_arg(p, "zoo model or checkpoint")

@@ -2,8 +2,8 @@
 
 Where a sample's files come from, in order:
 
-1. ``$MEDSSL_DATA_DIR/<dataset folder>`` when that folder exists (offline; tests and CI point it at
-   ``../shared/data``). Local files listed with a hash in the catalogue are checked; a mismatch warns.
+1. ``$MEDSSL_DATA_DIR/<dataset folder>`` when that folder exists (offline; tests and CI point it at the
+   local data folder). Local files listed with a hash in the catalogue are checked; a mismatch warns.
 2. The pooch cache (``$MEDSSL_CACHE_DIR``, default ``pooch.os_cache("napari-medssl")``): files already
    downloaded and hash-checked are used without the network.
 3. A download with pooch (30 s timeout, hash-checked), unless ``$MEDSSL_OFFLINE`` is set or the
