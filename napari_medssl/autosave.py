@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_medssl._atomic import atomic_write
+
 SESSION_ID = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 KEEP = 20
 
@@ -78,16 +80,11 @@ def save_labels(
 
 
 def _write(path: Path, labels: np.ndarray, header: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, labels=labels, header=np.array(json.dumps(header)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from napari_medssl._atomic import atomic_write
+
 CARD = "card.yaml"
 WEIGHTS = "model.safetensors"
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -192,9 +194,7 @@ def publish(
     folder = Path(dest or REPO_MODELS) / name
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / WEIGHTS
-    tmp = folder / f".{WEIGHTS}.tmp"
-    shutil.copyfile(checkpoint, tmp)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: shutil.copyfile(checkpoint, tmp))
     arch = dict(config)
     entry = {
         "name": name,

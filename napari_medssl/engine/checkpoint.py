@@ -25,35 +25,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from napari_medssl._atomic import atomic_write
 from napari_medssl.models.registry import save_model, write_safetensors
 
 LAST = "last.json"
 BEST = "best.safetensors"
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
-    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write tensors and JSON metadata to a safetensors file atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return _atomic_write(Path(path), lambda tmp: write_safetensors(tensors, tmp, {"json": json.dumps(meta)}))
+    return atomic_write(path, lambda tmp: write_safetensors(tensors, tmp, {"json": json.dumps(meta)}))
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -102,21 +102,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
         path: destination ``.safetensors`` file.
         extra: more JSON-serialisable facts to keep in the metadata (metrics, class names ...).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from napari_medssl._atomic import atomic_write
+
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = _untie(state)
     meta = {"config": json.dumps(getattr(model, "config", {})), "extra": json.dumps(extra or {})}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write_safetensors(state, tmp, meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: write_safetensors(state, tmp, meta))
 
 
 def write_safetensors(
