@@ -242,3 +242,24 @@ def test_dinocnn_uses_the_overlay_attention_maps_of_a_frozen_backbone(tmp_path):
         torch.testing.assert_close(model.eval()(x), model(x, maps))
     with pytest.raises(FileNotFoundError, match="dino_checkpoint"):
         create_model("dinocnn_tiny", dino_checkpoint=str(tmp_path / "missing.safetensors"))
+
+
+def test_emfformer_recomputed_ffn_same_gradients_less_saved_memory():
+    """``recompute_ffn`` (the default) gives the same outputs and gradients and keeps fewer bytes for backward."""
+    x = torch.rand(2, 1, 35, 51)
+    models, grads, saved = [], [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = _build("emfformer_tiny", 2, recompute_ffn=recompute).train()
+        xr = x.clone().requires_grad_()
+        model(xr).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()] + [xr.grad])
+        saved.append(_saved_bytes(model, x))
+        models.append(model)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # stage 0's Mix-FFN alone stores three (B, 2E, N) hidden maps without recomputation (E = 32, N = 12×16)
+    assert saved[0] - saved[1] >= 3 * 2 * 64 * 12 * 16 * 4
+    models[1].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(models[0].eval()(x), models[1](x))

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from napari_medssl.models.layers.spatial import (
     check_spatial_dims,
@@ -196,7 +197,13 @@ class MixFFN(nn.Module):
 
 
 class EMFBlock(nn.Module):
-    """Pre-norm transformer block: ``x + S-MHA(LN x)``, then ``x + MixFFN(LN x)`` on ``(B, N, E)`` tokens."""
+    """Pre-norm transformer block: ``x + S-MHA(LN x)``, then ``x + MixFFN(LN x)`` on ``(B, N, E)`` tokens.
+
+    Args:
+        recompute_ffn: in training, keep only the block's input for the Mix-FFN branch and recompute its
+            ``rE``-wide hidden maps (the widest activations of the block) during backward, instead of storing
+            them. Same parameters and results; less training memory for one extra FFN forward.
+    """
 
     def __init__(
         self,
@@ -205,16 +212,23 @@ class EMFBlock(nn.Module):
         mlp_ratio: float,
         spatial_dims: int,
         skip_heads: Sequence[int] | None = None,
+        recompute_ffn: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SerialMultiHeadAttention(dim, num_heads, skip_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = MixFFN(dim, mlp_ratio, spatial_dims)
+        self.recompute_ffn = recompute_ffn
+
+    def _ffn_branch(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        return self.ffn(self.norm2(x), grid)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x), grid)
+        if self.recompute_ffn and self.training and torch.is_grad_enabled():
+            return x + checkpoint(self._ffn_branch, x, grid, use_reentrant=False)
+        return x + self._ffn_branch(x, grid)
 
 
 class EMFFormer(nn.Module):
@@ -232,6 +246,8 @@ class EMFFormer(nn.Module):
         decoder_dim: ``D``, the decoder's width at 1/4.
         detail_dim: the decoder's width at 1/2 (joined with the stem's features there).
         norm: norm of the convolutional parts (``"batch"``, ``"instance"``, ``"group"``).
+        recompute_ffn: recompute each block's Mix-FFN hidden maps in backward instead of storing them (see
+            :class:`EMFBlock`); training-time memory only, the weights and outputs are the same.
     """
 
     task = "segment"
@@ -250,6 +266,7 @@ class EMFFormer(nn.Module):
         decoder_dim: int = 32,
         detail_dim: int = 8,
         norm: str = "batch",
+        recompute_ffn: bool = True,
     ) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)
@@ -275,7 +292,10 @@ class EMFFormer(nn.Module):
             DSPConv(c_in, c_out, 2, spatial_dims, norm=norm) for c_in, c_out in zip([half, *dims[:-1]], dims)
         )
         self.stages = nn.ModuleList(
-            nn.ModuleList(EMFBlock(d, d // head_dim, mlp_ratio, spatial_dims, skip_heads) for _ in range(n))
+            nn.ModuleList(
+                EMFBlock(d, d // head_dim, mlp_ratio, spatial_dims, skip_heads, recompute_ffn)
+                for _ in range(n)
+            )
             for d, n in zip(dims, depths)
         )
         self.stage_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
