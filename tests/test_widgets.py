@@ -241,6 +241,9 @@ def test_finetune_raises_dice_on_painted_slices(make_napari_viewer, qtbot, data_
     assert fw.events[-1]["event"] == "done", fw.events[-1]
     assert len(fw.plot.points("loss")) == 40 and len(fw.plot.points("val")) == 2
     assert "ETA" not in fw.status_label.text() and "done at step 40" in fw.status_label.text()
+    # the curve lives in its own top-level window (repaints there leave napari's OpenGL canvas alone)
+    assert fw.monitor.isWindow() and fw.monitor.isVisible() and fw.monitor.window() is not fw.window()
+    assert fw.state_label.text() == fw.status_label.text()
     assert mw.source() == fw.best_path and Path(fw.best_path).is_file()
     tuned = zoo.load(fw.best_path, device="cpu")
     assert tuned.checkpoint_extra["class_names"] == HIPPO_CLASSES
@@ -250,6 +253,7 @@ def test_finetune_raises_dice_on_painted_slices(make_napari_viewer, qtbot, data_
     mw.run()
     qtbot.waitUntil(lambda: mw._worker is None, timeout=60_000)
     shot(viewer, qtbot, test_output, "finetune_done")
+    fw.monitor.grab().save(str(test_output / "widget_finetune_progress_window.png"))
 
 
 def test_finetune_stop_autosave_and_restore(make_napari_viewer, qtbot, data_dir, ckpts, tmp_path):

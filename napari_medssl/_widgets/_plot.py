@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
-from qtpy.QtWidgets import QSizePolicy, QWidget
+from qtpy.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 _COLOURS = ("#4fc3f7", "#ffb74d", "#81c784", "#e57373")
 
@@ -132,3 +132,45 @@ class CurvePlot(QWidget):
             align = Qt.AlignmentFlag.AlignLeft
         p.drawText(box_top, align, f"{y1:.3g}")
         p.drawText(box_bot, align, f"{y0:.3g}")
+
+
+class TrainingMonitor(QWidget):
+    """A small tool window with the live curve (:class:`CurvePlot`) and a status / ETA line.
+
+    It is its own top-level window on purpose: napari's main window holds an OpenGL canvas, and with it every
+    repaint of any widget inside that window re-composites the whole window, canvas included (15–50 ms each on
+    a software-rendered display, measured in ``benchmarks/bench_responsiveness.py``). A repaint in a separate
+    window leaves the main window alone, so a live curve costs the viewer nothing. It floats above its parent
+    window (Qt ``Tool``), hides instead of closing, and is shown again with :meth:`show_near`.
+
+    Attributes:
+        plot: the curve.
+        status_label: the one-line status with the ETA.
+    """
+
+    def __init__(self, series: tuple[str, ...] = ("loss", "val"), parent: QWidget | None = None) -> None:
+        super().__init__(parent, Qt.WindowType.Tool)
+        self.setWindowTitle("Fine-tune progress")
+        self.plot = CurvePlot(series)
+        self.status_label = QLabel("idle")
+        # a fixed-size line: live text must not re-layout the window on every update
+        self.status_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(6, 6, 6, 6)
+        layout.addWidget(self.plot, 1)
+        layout.addWidget(self.status_label)
+        self.resize(460, 250)
+
+    def show_near(self, anchor: QWidget | None) -> None:
+        """Show (and raise) the window beside ``anchor``'s top-level window, over its top-right corner."""
+        if not self.isWindow():  # embedded in another widget (the benchmark's docked comparison)
+            self.show()
+            return
+        window = anchor.window() if anchor is not None else None
+        if window is not None and window is not self and self.parentWidget() is not window:
+            self.setParent(window, Qt.WindowType.Tool)  # stays above napari, not in the task bar
+        if not self.isVisible() and window is not None and window is not self:
+            geo = window.frameGeometry()
+            self.move(max(geo.left(), geo.right() - self.width() - 40), geo.top() + 90)
+        self.show()
+        self.raise_()

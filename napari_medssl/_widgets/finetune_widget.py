@@ -3,7 +3,9 @@
 Annotations: a Labels layer (0 = unlabelled, value ``k + 1`` = class ``k``) painted on any slices, for
 segmentation; or Shapes (boxes) / Points named by class (a ``class`` feature, else the layer's name), for
 classification. Start hands plain arrays to :class:`~napari_medssl.finetune_process.TrainingProcess`; a GUI timer
-polls its events into a live loss / validation plot and an ETA. Stop ends the process within 2 s. The best
+polls its events into a live loss / validation plot and an ETA, shown in a small progress window of its own
+(:class:`~napari_medssl._widgets._plot.TrainingMonitor`: repaints inside napari's main window would re-composite
+the OpenGL canvas); the dock itself shows the run's state. Stop ends the process within 2 s. The best
 checkpoint goes to the Model dock. Painted labels are autosaved (:mod:`napari_medssl.autosave`) and offered
 back after a crash; closing napari stops training.
 """
@@ -28,7 +30,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
-    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -36,7 +37,7 @@ from qtpy.QtWidgets import (
 
 from napari_medssl import autosave
 from napari_medssl._widgets._common import LayerCombo, is_overlay, is_prediction, report_error
-from napari_medssl._widgets._plot import CurvePlot
+from napari_medssl._widgets._plot import TrainingMonitor
 from napari_medssl._widgets._session import get_session
 from napari_medssl.finetune_process import (
     TrainingProcess,
@@ -133,7 +134,7 @@ class _CloseWatcher(QObject):
 
 
 class FinetuneWidget(QWidget):
-    """Dock: annotations + Start/Stop, a live curve, an ETA, autosave and restore of painted labels."""
+    """Dock: annotations + Start/Stop, the run's state, a progress window (live curve, ETA), autosave/restore."""
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
@@ -181,10 +182,15 @@ class FinetuneWidget(QWidget):
         self.use_best_btn = QPushButton("Use best")
         self.use_best_btn.setToolTip("Send the best checkpoint so far to the Model dock")
         self.use_best_btn.setEnabled(False)
-        self.plot = CurvePlot(("loss", "val"))
-        self.status_label = QLabel("idle")
-        # a fixed-size line: live text must not re-layout the window (that redraws the canvas on every step)
-        self.status_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        # the live curve and ETA live in their own small window: repaints inside napari's main window
+        # re-composite its OpenGL canvas (see TrainingMonitor), repaints there do not
+        self.monitor = TrainingMonitor(("loss", "val"))
+        self.plot = self.monitor.plot
+        self.status_label = self.monitor.status_label
+        self.state_label = QLabel("idle")  # in the dock: changes only when the run's state does
+        self.state_label.setWordWrap(True)
+        self.show_progress_btn = QPushButton("Progress window")
+        self.show_progress_btn.setToolTip("Show the live loss / validation curve and the ETA")
         self.autosave_combo = QComboBox()
         self.restore_btn = QPushButton("Restore")
 
@@ -220,12 +226,15 @@ class FinetuneWidget(QWidget):
         layout.addLayout(params)
         layout.addWidget(self.hold_out)
         layout.addLayout(buttons)
-        layout.addWidget(self.plot)
-        layout.addWidget(self.status_label)
+        state_row = QHBoxLayout()
+        state_row.addWidget(self.state_label, 1)
+        state_row.addWidget(self.show_progress_btn)
+        layout.addLayout(state_row)
         layout.addLayout(restore_row)
 
         self.timer = QTimer(self)
-        self.timer.setInterval(1000)  # each repaint composites the whole window (OpenGL canvas): keep it rare
+        # events queue in between: one coalesced repaint of the progress window a second
+        self.timer.setInterval(1000)
         self.timer.timeout.connect(self.poll)
         self.autosave_timer = QTimer(self)
         self.autosave_timer.setSingleShot(True)
@@ -235,6 +244,7 @@ class FinetuneWidget(QWidget):
         self.start_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(self.stop)
         self.use_best_btn.clicked.connect(self.use_best)
+        self.show_progress_btn.clicked.connect(self.show_progress)
         self.new_labels_btn.clicked.connect(self.new_labels_layer)
         self.restore_btn.clicked.connect(self.restore_selected)
         self.session.model_changed.connect(self._on_model_changed)
@@ -387,8 +397,14 @@ class FinetuneWidget(QWidget):
         self.use_best_btn.setEnabled(False)
         where = "held-out 25%" if held_out else "the annotations themselves"
         self.status_label.setText(f"starting: {n} annotated case(s), validation on {where}…")
+        self.state_label.setText(f"training on {n} annotated case(s), validation on {where}")
+        self.show_progress()
         self.timer.start()
         return proc
+
+    def show_progress(self) -> None:
+        """Show the progress window (live curve and ETA) beside the viewer."""
+        self.monitor.show_near(self)
 
     def stop(self) -> float:
         """Stop training (the process tree ends within 2 s); return the seconds it took."""
@@ -434,15 +450,18 @@ class FinetuneWidget(QWidget):
             metrics = ev.get("metrics") or {}
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in VAL_METRICS)
             self.status_label.setText(f"done at step {ev.get('step')} · best {shown or 'n/a'}")
+            self.state_label.setText(self.status_label.text())
             if self.best_path:
                 self.session.checkpoint_ready.emit(self.best_path)
         elif kind == "error":
             self._finish()
             self.status_label.setText(f"failed: {ev.get('message')}")
+            self.state_label.setText(self.status_label.text())
             report_error(RuntimeError(ev.get("message", "unknown error")), "Fine-tuning failed")
         elif kind == "stopped":
             self._finish()
             self.status_label.setText("stopped" + (" · best checkpoint kept" if self.best_path else ""))
+            self.state_label.setText(self.status_label.text())
 
     def _finish(self) -> None:
         self.timer.stop()
@@ -535,6 +554,10 @@ class FinetuneWidget(QWidget):
             pass
         if self.proc is not None and self.proc.is_alive():
             self.proc.stop(2.0)
+        try:
+            self.monitor.close()
+        except RuntimeError:
+            pass
         if self._dirty:
             self.autosave_now()
         try:
