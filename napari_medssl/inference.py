@@ -8,6 +8,9 @@ volume, exactly as training does, then:
   recorded in their checkpoint) see windows of that size: smaller images are zero-padded and cropped back,
   larger ones are covered by overlapping sliding windows whose softmax outputs are averaged.
 - ``classify``: resizes each image (or slice) to the model's ``input_size`` / ``sample_size`` when set.
+- ``mirror`` (segmentation, off by default): test-time augmentation by mirroring, as nnU-Net does: the softmax
+  outputs of the image and of its flips along the given spatial axes (every combination) are averaged. Use axes
+  the model was trained to be flip-invariant on (:func:`training_flip_axes`).
 
 Image layouts: ``(Y, X)``, ``(Y, X, 3)`` RGB, ``(Z, Y, X)`` volumes. A 2D model works on a volume slice by
 slice along ``slice_axis``. Long runs take ``progress(done, total)`` and ``cancel`` (a callable returning
@@ -35,6 +38,7 @@ __all__ = [
     "classify",
     "image_spatial_dims",
     "pick_device",
+    "training_flip_axes",
     "predict",
     "prepare_image",
     "resize",
@@ -236,6 +240,23 @@ def _segment_batch(
     return (out_sum / count)[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
 
 
+def training_flip_axes(model: nn.Module) -> tuple[int, ...]:
+    """The spatial axes (negative, from the end) a checkpoint's training run flipped at random: the axes
+    mirroring test-time augmentation may use. ``()`` when the run did not augment or nothing is recorded."""
+    cfg = (getattr(model, "checkpoint_extra", None) or {}).get("train_config") or {}
+    if not cfg or not cfg.get("augment", True):
+        return ()
+    return tuple(int(a) for a in cfg.get("flip_axes") or ())
+
+
+def _mirror_sets(axes: tuple[int, ...], dims: int) -> list[tuple[int, ...]]:
+    """Every non-empty combination of the (distinct, in-range) mirror axes, as tensor dims counted from the end."""
+    norm = sorted({int(a) % dims - dims for a in axes if -dims <= int(a) < dims})
+    if len(norm) != len(set(axes)):
+        raise ValueError(f"mirror axes {tuple(axes)} must be distinct spatial axes of a {dims}D input")
+    return [c for r in range(1, len(norm) + 1) for c in itertools.combinations(norm, r)]
+
+
 def segment_probabilities(
     model: nn.Module,
     image: np.ndarray,
@@ -245,6 +266,7 @@ def segment_probabilities(
     batch_size: int = 8,
     overlap: float = 0.25,
     rgb: bool | None = None,
+    mirror: tuple[int, ...] = (),
     progress: Progress = None,
     cancel: Cancel = None,
 ) -> np.ndarray:
@@ -258,12 +280,14 @@ def segment_probabilities(
         batch_size: slices or windows per forward pass.
         overlap: sliding-window overlap fraction.
         rgb: whether a 3-axis array with 3 last entries is RGB (default: guessed).
+        mirror: spatial axes of the model's input (negative, from the end: ``-1`` = X) for mirroring test-time
+            augmentation; ``()`` for none (see the module docstring).
         progress: called as ``progress(done, total)`` after each forward pass.
         cancel: a callable or ``threading.Event``; when it turns true, :class:`Cancelled` is raised.
     """
     dev = _model_device(model) if device is None else pick_device(device)
     x = torch.from_numpy(prepare_image(image, getattr(model, "in_chans", 1), rgb))
-    probs = segment_prepared(model, x, dev, slice_axis, batch_size, overlap, progress, cancel)
+    probs = segment_prepared(model, x, dev, slice_axis, batch_size, overlap, progress, cancel, mirror)
     return probs.numpy()
 
 
@@ -276,8 +300,10 @@ def segment_prepared(
     overlap: float = 0.25,
     progress: Progress = None,
     cancel: Cancel = None,
+    mirror: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """Probabilities ``(K, *spatial)`` for a prepared image ``(C, *spatial)`` (see :func:`prepare_image`)."""
+    """Probabilities ``(K, *spatial)`` for a prepared image ``(C, *spatial)`` (see :func:`prepare_image`);
+    ``mirror``: axes for mirroring test-time augmentation (see :func:`segment_probabilities`)."""
     dims = x.ndim - 1
     model_dims = getattr(model, "spatial_dims", 2)
     window = model_window(model)
@@ -286,10 +312,31 @@ def segment_prepared(
     batch = x.movedim(slice_axis + 1, 0) if model_dims == 2 and dims == 3 else x[None]  # (N, C, *S)
     if window is None and batch[0, 0].numel() > (512 * 512 if model_dims == 2 else 128**3):
         window = (256, 256) if model_dims == 2 else (96, 96, 96)
+    flips = _mirror_sets(tuple(mirror), model_dims) if mirror else []
     was_training = model.training
     model.eval()
     try:
-        probs = _segment_batch(model, batch, device, window, overlap, batch_size, progress, cancel)
+        passes = len(flips) + 1
+
+        def report(done: int, total: int, k: int = 0) -> None:
+            if progress is not None:
+                progress(k * total + done, passes * total)
+
+        probs = _segment_batch(model, batch, device, window, overlap, batch_size, report, cancel)
+        for k, dims_ in enumerate(flips, start=1):
+            flipped = _segment_batch(
+                model,
+                batch.flip(dims_),
+                device,
+                window,
+                overlap,
+                batch_size,
+                lambda d, t, k=k: report(d, t, k),
+                cancel,
+            )
+            probs += flipped.flip(dims_)
+        if flips:
+            probs /= passes
     finally:
         model.train(was_training)
     return probs.movedim(0, slice_axis + 1) if model_dims == 2 and dims == 3 else probs[0]

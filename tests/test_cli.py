@@ -209,6 +209,20 @@ def test_finetune_evaluate_predict_segmentation(data_dir, tmp_path, capsys):
         tmp_path / "preds",
     )
     assert code == 0 and len(list((tmp_path / "preds").glob("*.nii.gz"))) == 5
+    # --tta: mirroring along the axis the run flipped (X); predict --tta scores the same as evaluate --tta
+    tta_path = tmp_path / "tta.json"
+    code, _, _ = run_cli(
+        capsys, "evaluate", "--model", run / "best.safetensors", "--data", msd, "--split", "val",
+        "--out", tta_path, "--tta",
+    )  # fmt: skip
+    tta = json.loads(tta_path.read_text())
+    assert code == 0 and tta["mirror"] == [-1] and result["mirror"] == []
+    code, _, _ = run_cli(
+        capsys, "predict", "--model", run / "best.safetensors", "--input", case, "--output", out_nii, "--tta"
+    )
+    pred = np.asarray(nib.load(out_nii).dataobj)
+    by_hand = segmentation_metrics([dice_iou_case(pred, ref, 3)])
+    assert code == 0 and tta["metrics"]["mean_dice"] == pytest.approx(by_hand["mean_dice"], nan_ok=True)
 
 
 def test_classifier_predicts_probabilities_json(data_dir, tmp_path, capsys):

@@ -132,3 +132,27 @@ def test_classify_images_volumes_and_rgb(data_dir):
     assert inference.classify(rgb_model, mammogram).shape == (5,)  # gray repeated to RGB
     with pytest.raises(ValueError, match="cannot predict"):
         inference.predict(create_model("mae_tiny", **TINY_VIT), mammogram)
+
+
+def test_mirror_tta_averages_the_flipped_passes(hippo):
+    """``mirror=(-1,)`` = mean of the softmax of the volume and the un-flipped softmax of its X-flip."""
+    torch.manual_seed(0)
+    model = create_model("unet_tiny", **TINY_UNET).eval()
+    vol = hippo[:6]
+    plain = inference.segment_probabilities(model, vol)
+    flipped = inference.segment_probabilities(model, vol[..., ::-1].copy())[..., ::-1]
+    calls: list[tuple[int, int]] = []
+    both = inference.segment_probabilities(
+        model, vol, mirror=(-1,), progress=lambda d, t: calls.append((d, t))
+    )
+    np.testing.assert_allclose(both, (plain + flipped) / 2, atol=1e-6)
+    assert calls == [(1, 2), (2, 2)]  # one forward per pass (6 slices, batch 8), both passes reported
+    three = inference.segment_probabilities(model, vol, mirror=(-1, -2))  # X, Y and X+Y flips: 4 passes
+    assert three.shape == plain.shape and np.allclose(three.sum(0), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="distinct"):
+        inference.segment_probabilities(model, vol, mirror=(-1, 1))
+    assert inference.training_flip_axes(model) == ()
+    model.checkpoint_extra = {"train_config": {"augment": True, "flip_axes": [-1]}}
+    assert inference.training_flip_axes(model) == (-1,)
+    model.checkpoint_extra = {"train_config": {"augment": False, "flip_axes": [-1]}}
+    assert inference.training_flip_axes(model) == ()

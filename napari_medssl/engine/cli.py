@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=8, help="slices/windows/images per forward pass")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="segmenters: average with mirrored copies (test-time augmentation) along the axes the model "
+        "was trained with random flips on; costs one extra pass per mirror",
+    )
 
     p = sub.add_parser(
         "predict",
@@ -196,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument(
         "--slice-axis", type=int, choices=(0, 1, 2), help="axis 2D models slice along (default: as trained)"
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="segmenters: average with mirrored copies (test-time augmentation) along the axes the model "
+        "was trained with random flips on; costs one extra pass per mirror",
     )
 
     sub.add_parser(
@@ -312,6 +324,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             batch_size=args.batch_size,
             progress=progress,
+            tta=args.tta,
         )
     finally:
         for bar in bars:
@@ -375,7 +388,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         loaded = readers.read_any(path)
         if model.task == "segment":
             labels = inference.segment(
-                model, loaded.data, slice_axis=axis, batch_size=args.batch_size, rgb=loaded.rgb
+                model,
+                loaded.data,
+                slice_axis=axis,
+                batch_size=args.batch_size,
+                rgb=loaded.rgb,
+                mirror=inference.training_flip_axes(model) if args.tta else (),
             )
             if extra.get("label_values"):  # trained on remapped labels (painted 1..K): write those values
                 labels = np.asarray(extra["label_values"])[labels]

@@ -21,7 +21,13 @@ from torch import nn
 from napari_medssl.engine.augment import IGNORE
 from napari_medssl.engine.metrics import classification_metrics, dice_iou_case, segmentation_metrics
 from napari_medssl.engine.samples import SampleSet
-from napari_medssl.inference import classify_batch, model_window, pick_device, segment_prepared
+from napari_medssl.inference import (
+    classify_batch,
+    model_window,
+    pick_device,
+    segment_prepared,
+    training_flip_axes,
+)
 
 Progress = Callable[[int, int], Any] | None
 
@@ -32,8 +38,10 @@ def evaluate_cases(
     device: torch.device | None = None,
     batch_size: int = 8,
     progress: Progress = None,
+    mirror: tuple[int, ...] = (),
 ) -> dict[str, float]:
-    """Metrics of ``model`` on the cases of a :class:`SampleSet` (its size is used for classification)."""
+    """Metrics of ``model`` on the cases of a :class:`SampleSet` (its size is used for classification);
+    ``mirror``: axes for mirroring test-time augmentation of segmenters (see :mod:`napari_medssl.inference`)."""
     device = device or next(model.parameters()).device
     task = getattr(model, "task", None)
     if task == "segment":
@@ -43,7 +51,9 @@ def evaluate_cases(
             img, lab = samples._get(ci)
             if lab is None or np.ndim(lab) == 0:
                 raise ValueError(f"case {case.id} has no label mask to score a segmentation against")
-            probs = segment_prepared(model, torch.from_numpy(img), device, samples.slice_axis, batch_size)
+            probs = segment_prepared(
+                model, torch.from_numpy(img), device, samples.slice_axis, batch_size, mirror=mirror
+            )
             pred = probs.argmax(0).numpy()
             per_case.append(dice_iou_case(pred, lab, k, ignore=lab == IGNORE))
             if progress is not None:
@@ -86,6 +96,7 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 8,
     progress: Progress = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model (checkpoint path, zoo name or loaded model) on a data folder.
 
@@ -96,9 +107,11 @@ def evaluate(
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
         batch_size: slices/windows/images per forward pass.
         progress: ``progress(done, total)`` per case (segmentation) or batch (classification).
+        tta: segmenters only: mirroring test-time augmentation along the axes the model's training run flipped
+            (:func:`~napari_medssl.inference.training_flip_axes`).
 
     Returns:
-        ``{"metrics": {...}, "task", "split", "n_cases", "label_names", "model", "data"}``.
+        ``{"metrics": {...}, "task", "split", "n_cases", "label_names", "model", "data", "mirror"}``.
     """
     from napari_medssl import zoo
     from napari_medssl.engine.data import open_data
@@ -141,7 +154,8 @@ def evaluate(
     if size is None:
         size = tuple(max(s) for s in zip(*samples.spatial_shapes()))
     samples.set_size(size)
-    metrics = evaluate_cases(model, samples, dev, batch_size, progress)
+    mirror = training_flip_axes(model) if tta and model.task == "segment" else ()
+    metrics = evaluate_cases(model, samples, dev, batch_size, progress, mirror)
     names = extra.get("class_names") or source.class_names
     return {
         "metrics": metrics,
@@ -151,4 +165,5 @@ def evaluate(
         "label_names": {str(i): n for i, n in enumerate(names)} if names else None,
         "model": str(checkpoint) if checkpoint else type(model).__name__,
         "data": source.description,
+        "mirror": list(mirror),
     }
