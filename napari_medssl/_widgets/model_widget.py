@@ -21,20 +21,26 @@ from napari.utils.notifications import show_info
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_medssl._widgets._common import LayerCombo, current_plane, guarded, report_error
+from napari_medssl._widgets._common import CHECKPOINT_ITEM as CHECKPOINT_ITEM
+from napari_medssl._widgets._common import (
+    LayerCombo,
+    ModelPicker,
+    current_plane,
+    guarded,
+    report_error,
+)
+from napari_medssl._widgets._common import load_model as load_model
+from napari_medssl._widgets._common import zoo_entries as zoo_entries
 from napari_medssl._widgets._session import ModelChoice, get_session
 
-CHECKPOINT_ITEM = "Checkpoint file…"
 SCOPES = ("current slice", "whole volume")
 HEADLINE_METRICS = ("mean_dice", "auc", "balanced_accuracy", "accuracy", "mean_iou")
 
@@ -45,27 +51,11 @@ class _Relay(QObject):
     progressed = Signal(int, int)
 
 
-def zoo_entries() -> list[str]:
-    """Names of the models in the zoo (empty when the zoo is not available)."""
-    try:
-        from napari_medssl import zoo
-    except ImportError:
-        return []
-    return list(zoo.list_zoo())
-
-
 def zoo_card(name: str) -> dict[str, Any]:
     """The model card of a zoo model, or ``{}``."""
     from napari_medssl import zoo
 
     return dict(zoo.card(name) or {})
-
-
-def load_model(source: str, device: str) -> Any:
-    """Load a zoo model by name or a ``.safetensors`` checkpoint onto ``device`` (``auto`` resolves)."""
-    from napari_medssl import zoo
-
-    return zoo.load(source, device=device)
 
 
 def summarize_card(card: dict[str, Any], model: Any = None) -> str:
@@ -156,17 +146,16 @@ class ModelWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
-        self._models: dict[tuple[str, str], Any] = {}
         self._worker: Any = None
         self._cancel = threading.Event()
         self._relay = _Relay()
         self._pbar: progress | None = None
         self.last_result: Any = None
 
-        self.model_combo = QComboBox()
-        self.path_edit = QLineEdit()
-        self.path_edit.setPlaceholderText("path to a .safetensors checkpoint")
-        self.browse_btn = QPushButton("Browse…")
+        self.picker = ModelPicker()
+        self.model_combo = self.picker.combo  # the picker's parts, under the dock's old attribute names
+        self.path_edit = self.picker.path_edit
+        self.browse_btn = self.picker.browse_btn
         self.card_label = QLabel()
         self.card_label.setWordWrap(True)
         self.card_label.setTextFormat(Qt.TextFormat.RichText)
@@ -185,11 +174,7 @@ class ModelWidget(QWidget):
         self.status_label.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("Model", self.model_combo)
-        path_row = QHBoxLayout()
-        path_row.addWidget(self.path_edit)
-        path_row.addWidget(self.browse_btn)
-        form.addRow("Checkpoint", path_row)
+        self.picker.add_to(form)
         form.addRow(self.card_label)
         form.addRow("Device", self.device_combo)
         form.addRow("Image", self.image_combo)
@@ -204,9 +189,7 @@ class ModelWidget(QWidget):
         layout.addWidget(self.status_label)
         layout.addStretch(1)
 
-        self.model_combo.currentTextChanged.connect(self._on_model_changed)
-        self.path_edit.editingFinished.connect(self._on_model_changed)
-        self.browse_btn.clicked.connect(self._browse)
+        self.picker.changed.connect(self._on_model_changed)
         self.device_combo.currentTextChanged.connect(self._on_model_changed)
         self.run_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -219,37 +202,17 @@ class ModelWidget(QWidget):
     # -- model choice -------------------------------------------------------------------------------------------
     def refresh_zoo(self) -> None:
         """Re-list the zoo models (plus the checkpoint-file entry)."""
-        current = self.model_combo.currentText()
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        try:
-            names = zoo_entries()
-        except Exception as err:  # a broken zoo folder must not break the dock
-            report_error(err, "Cannot list the model zoo")
-            names = []
-        self.model_combo.addItems([*names, CHECKPOINT_ITEM])
-        if current and self.model_combo.findText(current) >= 0:
-            self.model_combo.setCurrentText(current)
-        self.model_combo.blockSignals(False)
-        self._on_model_changed()
+        self.picker.refresh()
 
     def source(self) -> str:
         """The zoo name or checkpoint path selected now ('' when none)."""
-        name = self.model_combo.currentText()
-        if name == CHECKPOINT_ITEM:
-            return self.path_edit.text().strip()
-        return name
+        return self.picker.source()
 
     def select(self, source: str, device: str | None = None) -> None:
         """Select a zoo model by name, or a checkpoint by path."""
         if device is not None:
             self.device_combo.setCurrentText(device)
-        if self.model_combo.findText(source) >= 0:
-            self.model_combo.setCurrentText(source)
-        else:
-            self.path_edit.setText(str(source))
-            self.model_combo.setCurrentText(CHECKPOINT_ITEM)
-        self._on_model_changed()
+        self.picker.select(source)
 
     def use_checkpoint(self, path: str) -> None:
         """Swap in a fine-tuned checkpoint (called when the Fine-tune dock finishes)."""
@@ -260,15 +223,8 @@ class ModelWidget(QWidget):
         layer = self.image_combo.layer()
         self.scope_combo.setEnabled(layer is not None and layer.ndim == 3 and not layer.rgb)
 
-    def _browse(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Model checkpoint", "", "safetensors (*.safetensors)")
-        if path:
-            self.select(path)
-
     def _on_model_changed(self, *_: Any) -> None:
-        is_file = self.model_combo.currentText() == CHECKPOINT_ITEM
-        self.path_edit.setEnabled(is_file)
-        self.browse_btn.setEnabled(is_file)
+        is_file = self.picker.is_checkpoint()
         src = self.source()
         card: dict[str, Any] = {}
         if src and not is_file:
@@ -278,8 +234,8 @@ class ModelWidget(QWidget):
                 report_error(err, f"Cannot read the model card of {src}")
         model = self._cached_model(src) if src and is_file and Path(src).is_file() else None
         self.card_label.setText(summarize_card(card, model) if src else "<i>choose a model</i>")
-        label = Path(src).name if is_file else src
-        self.session.set_model(ModelChoice(src, self.device_combo.currentText(), label) if src else None)
+        choice = ModelChoice(src, self.device_combo.currentText(), self.picker.label()) if src else None
+        self.session.set_model(choice)
 
     def _cached_model(self, src: str) -> Any:
         try:
@@ -290,15 +246,7 @@ class ModelWidget(QWidget):
 
     def model(self, source: str | None = None) -> Any:
         """The loaded model for ``source`` (default: the selection), cached per (source, device, file time)."""
-        source = source or self.source()
-        if not source:
-            raise ValueError("no model selected: pick a zoo model or a .safetensors checkpoint file")
-        device = self.device_combo.currentText()
-        stamp = Path(source).stat().st_mtime if Path(source).is_file() else 0
-        key = (source, device, stamp)
-        if key not in self._models:
-            self._models[key] = load_model(source, device)
-        return self._models[key]
+        return self.picker.model(self.device_combo.currentText(), source)
 
     # -- running ------------------------------------------------------------------------------------------------
     def run(self) -> Any:
@@ -397,13 +345,9 @@ class ModelWidget(QWidget):
             self._show_labels(layer, job, out, names)
         self.status_label.setText("done")
 
-    def _short_source(self) -> str:
-        src = self.source()
-        return Path(src).name if self.model_combo.currentText() == CHECKPOINT_ITEM else src
-
     def _card(self) -> dict[str, Any]:
         src = self.source()
-        if self.model_combo.currentText() == CHECKPOINT_ITEM:
+        if self.picker.is_checkpoint():
             return {}
         try:
             return zoo_card(src)
@@ -428,7 +372,7 @@ class ModelWidget(QWidget):
             "mean over slices" if per_slice else ("current slice" if job["plane"] is not None else "image")
         )
         self.result_label.setText(
-            f"<b>{html.escape(self._short_source())}</b> ({where})<table>{''.join(rows)}</table>"
+            f"<b>{html.escape(self.picker.label())}</b> ({where})<table>{''.join(rows)}</table>"
         )
         result = {
             "model": self.source(),

@@ -33,16 +33,17 @@ from qtpy.QtWidgets import (
 from napari_medssl import overlays
 from napari_medssl._widgets._common import (
     LayerCombo,
+    ModelPicker,
     add_overlay,
     current_plane,
     guarded,
     report_error,
 )
 from napari_medssl._widgets._session import get_session
-from napari_medssl._widgets.model_widget import CHECKPOINT_ITEM, load_model, zoo_entries
 
 METHODS = ("DINO attention", "MSMAE masking", "MAE reconstruction", "MiM nested masks")
 MODEL_DOCK_ITEM = "Model dock's model"
+SSL_FAMILIES = ("dino", "mae", "msmae", "miram", "mim", "vit")
 
 
 def method_for(model: Any) -> str:
@@ -111,13 +112,17 @@ class OverlayWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
-        self._models: dict[tuple, Any] = {}
         self._worker: Any = None
         self.last_layers: list[Any] = []
 
-        self.model_combo = QComboBox()
-        self.path_edit = QLineEdit()
-        self.path_edit.setPlaceholderText("path to a .safetensors checkpoint")
+        self.picker = ModelPicker(
+            zoo_filter=lambda name: name.split("_")[0] in SSL_FAMILIES,
+            extra_items={MODEL_DOCK_ITEM: self._model_dock_source},
+            browse=False,
+            empty_error="no model chosen: pick a zoo model, the Model dock's model or a checkpoint file",
+        )
+        self.model_combo = self.picker.combo  # the picker's parts, under the dock's old attribute names
+        self.path_edit = self.picker.path_edit
         self.method_combo = QComboBox()
         self.method_combo.addItems(METHODS)
         self.image_combo = LayerCombo(napari_viewer, Image)
@@ -144,8 +149,7 @@ class OverlayWidget(QWidget):
         self.status_label.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("Model", self.model_combo)
-        form.addRow("Checkpoint", self.path_edit)
+        self.picker.add_to(form)
         form.addRow("Overlay", self.method_combo)
         form.addRow("Image", self.image_combo)
         form.addRow("Head", self.head)
@@ -168,8 +172,7 @@ class OverlayWidget(QWidget):
         self._debounce.setInterval(250)
         self._debounce.timeout.connect(self.show_overlays)
         self.show_btn.clicked.connect(self.show_overlays)
-        self.model_combo.currentTextChanged.connect(self._on_model_changed)
-        self.path_edit.editingFinished.connect(self._on_model_changed)
+        self.picker.changed.connect(self._on_model_changed)
         self.method_combo.currentTextChanged.connect(self._update_enabled)
         napari_viewer.dims.events.current_step.connect(self._on_step)
         self.refresh_models()
@@ -177,51 +180,26 @@ class OverlayWidget(QWidget):
     # -- choices --------------------------------------------------------------------------------------------------
     def refresh_models(self) -> None:
         """List the zoo's self-supervised (ViT-based) models first, then the other entries."""
-        try:
-            names = zoo_entries()
-        except Exception as err:
-            report_error(err, "Cannot list the model zoo")
-            names = []
-        ssl = [n for n in names if n.split("_")[0] in ("dino", "mae", "msmae", "miram", "mim", "vit")]
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        self.model_combo.addItems([*ssl, MODEL_DOCK_ITEM, CHECKPOINT_ITEM])
-        self.model_combo.blockSignals(False)
-        self._on_model_changed()
+        self.picker.refresh()
 
     def select(self, source: str) -> None:
         """Choose a zoo model by name or a checkpoint by path."""
-        if self.model_combo.findText(source) >= 0:
-            self.model_combo.setCurrentText(source)
-        else:
-            self.path_edit.setText(str(source))
-            self.model_combo.setCurrentText(CHECKPOINT_ITEM)
-        self._on_model_changed()
+        self.picker.select(source)
 
     def source(self) -> str:
         """The chosen zoo name or checkpoint path ('' when none)."""
-        item = self.model_combo.currentText()
-        if item == CHECKPOINT_ITEM:
-            return self.path_edit.text().strip()
-        if item == MODEL_DOCK_ITEM:
-            return self.session.model.source if self.session.model is not None else ""
-        return item
+        return self.picker.source()
+
+    def _model_dock_source(self) -> str:
+        return self.session.model.source if self.session.model is not None else ""
 
     def model(self) -> Any:
         """The chosen model, loaded once per (source, device, file time)."""
-        src = self.source()
-        if not src:
-            raise ValueError("no model chosen: pick a zoo model, the Model dock's model or a checkpoint file")
-        stamp = Path(src).stat().st_mtime if Path(src).is_file() else 0
-        key = (src, self.device_combo.currentText(), stamp)
-        if key not in self._models:
-            self._models[key] = load_model(src, self.device_combo.currentText())
-        return self._models[key]
+        return self.picker.model(self.device_combo.currentText())
 
     def _on_model_changed(self, *_: Any) -> None:
-        self.path_edit.setEnabled(self.model_combo.currentText() == CHECKPOINT_ITEM)
         src = self.source()
-        if not src or (self.model_combo.currentText() == CHECKPOINT_ITEM and not Path(src).is_file()):
+        if not src or (self.picker.is_checkpoint() and not Path(src).is_file()):
             return
         try:
             self.method_combo.setCurrentText(method_for(self.model()))
