@@ -120,6 +120,35 @@ def cost_table(size: str, repeats: int) -> None:
                 f"{r['infer_mb'] / u['infer_mb']:.3f}, train-step peak {r['train_mb'] / u['train_mb']:.3f}, "
                 f"latency {r['ms'] / u['ms']:.3f}"
             )
+    recompute_cost(slice_2d, volume, repeats)
+
+
+def recompute_cost(slice_2d: torch.Tensor, volume: torch.Tensor, repeats: int) -> None:
+    """EMF-former's training step with its Mix-FFN hidden maps recomputed (default) vs stored, side by side
+    (the two steps alternate, so drifting machine load hits both alike)."""
+    for dims, x in ((2, slice_2d.repeat(16, 1, 1, 1)), (3, volume)):
+        steps, times, peaks = {}, {False: [], True: []}, {}
+        for recompute in (False, True):
+            torch.manual_seed(0)
+            model = create_model("emfformer_tiny", spatial_dims=dims, recompute_ffn=recompute).train()
+
+            def step(model=model, x=x) -> None:
+                model(x).square().mean().backward()
+
+            step()
+            steps[recompute] = step
+            peaks[recompute] = peak_alloc_bytes(step) / 2**20
+        for _ in range(3 * repeats):
+            for recompute in (False, True):
+                t0 = time.perf_counter()
+                steps[recompute]()
+                times[recompute].append(time.perf_counter() - t0)
+        ms0, ms1 = (statistics.median(times[r]) * 1e3 for r in (False, True))
+        mb0, mb1 = peaks[False], peaks[True]
+        print(
+            f"emfformer_tiny {dims}D train step (batch {len(x)}), Mix-FFN recomputed vs stored: "
+            f"peak {mb1:.2f} vs {mb0:.2f} MiB ({mb1 / mb0:.3f}x), time {ms1:.1f} vs {ms0:.1f} ms ({ms1 / ms0:.3f}x)"
+        )
 
 
 def dice_race(size: str, steps: int, batch: int = 16) -> None:
