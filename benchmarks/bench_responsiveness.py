@@ -4,8 +4,10 @@ A QTimer ticking every 10 ms in the viewer's event loop records the gaps between
 fine-tune (tiny U-Net on painted slices of a hippocampus volume) runs, in one run, side by side:
 
 - ``idle``: no training (the floor of this machine and display).
-- ``process``: the Fine-tune dock (``FinetuneWidget``): training in a spawned process, events polled every
-  100 ms into the live plot.
+- ``process``: the Fine-tune dock (``FinetuneWidget``): training in a spawned process, events polled once a
+  second into the live curve and ETA of its progress window (a separate top-level window).
+- ``process, curve docked``: the same, with the progress window's contents embedded in the dock inside napari's
+  main window instead (the layout before the progress window existed), to show what the separate window buys.
 - ``thread``: the same generator (``finetune_events``) in a napari ``thread_worker`` inside the viewer process,
   its events into the same plot.
 
@@ -115,6 +117,18 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
         pump(app, min(seconds, 10.0))
         return rec.stop()
 
+    def dock_monitor(docked: bool) -> None:
+        from qtpy.QtCore import Qt
+
+        if docked:
+            fw.monitor.setParent(fw, Qt.WindowType.Widget)
+            fw.layout().addWidget(fw.monitor)
+        else:
+            fw.layout().removeWidget(fw.monitor)
+            fw.monitor.setParent(None, Qt.WindowType.Tool)
+        fw.monitor.show()
+        pump(app, 1.0)
+
     def in_process() -> dict[str, float]:
         fw.plot.clear()
         proc = fw.start()
@@ -192,8 +206,19 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
         results.append((f"idle viewer (round {k + 1})", {**idle(), "load": os.getloadavg()[0]}))
         load = os.getloadavg
         results.append(
-            (f"separate process, Fine-tune dock (round {k + 1})", {**in_process(), "load": load()[0]})
+            (
+                f"separate process, Fine-tune dock + progress window (round {k + 1})",
+                {**in_process(), "load": load()[0]},
+            )
         )
+        dock_monitor(True)
+        results.append(
+            (
+                f"separate process, curve docked in the main window (round {k + 1})",
+                {**in_process(), "load": load()[0]},
+            )
+        )
+        dock_monitor(False)
         results.append(
             (f"separate process, not drawn (round {k + 1})", {**in_process_undrawn(k), "load": load()[0]})
         )
