@@ -4,8 +4,10 @@ Steps: (1) take ``RUN/best.safetensors``; ``--fp16`` stores the weights as float
 models; needed to stay under 10 MB for models that carry a ViT), ``--dino-backbone`` keeps only a DINO run's
 teacher ViT (saved as a ``vit_*`` checkpoint: what ``attention_maps`` and ``dinocnn_*`` use), and
 ``--drop-config KEY`` removes a build-time key (a ``dino_checkpoint`` path; the weights are in the file);
-(2) publish with :func:`napari_medssl.zoo.publish`; (3) unless ``--no-eval``, run ``medssl evaluate`` on the
-published zoo model's validation split and re-write the card with those metrics and that exact command.
+(2) publish with :func:`napari_medssl.zoo.publish`; (3) with ``--data``, run ``medssl evaluate`` on the
+published zoo model's validation split and re-write the card with those metrics and that exact command;
+``--also-tta`` (segmenters) runs it a second time with ``--tta`` (mirroring test-time augmentation) and adds
+those as ``metrics_tta`` with their own ``metrics_tta_command``.
 
 Usage (from the checkout root)::
 
@@ -111,6 +113,7 @@ def main() -> None:
     p.add_argument("--drop-config", action="append", default=[])
     p.add_argument("--note", action="append", default=[])
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--also-tta", action="store_true", help="also evaluate with --tta (segmenters)")
     p.add_argument("--metrics-json", help="metrics for a model `medssl evaluate` cannot score (pretraining)")
     p.add_argument("--metrics-command", default="", help="how --metrics-json was measured")
     args = p.parse_args()
@@ -145,18 +148,25 @@ def main() -> None:
     if not args.data:
         print(folder)
         return
-    metrics_file = args.run / "zoo_metrics.json"
     cmd = [
         "medssl", "evaluate", "--model", args.name, "--data", args.data, "--split", "val",
         "--out", "metrics.json", "--device", "cpu", "--batch-size", str(args.eval_batch_size),
     ]  # fmt: skip
-    run_cmd = [str(ROOT / ".venv/bin/medssl"), *cmd[1:]]
-    run_cmd[run_cmd.index("--out") + 1] = str(metrics_file)
-    subprocess.run(run_cmd, check=True, cwd=ROOT)
-    metrics = json.loads(metrics_file.read_text())["metrics"]
-    metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+    def evaluate(cmd: list[str], out: Path) -> dict:
+        run_cmd = [str(ROOT / ".venv/bin/medssl"), *cmd[1:]]
+        run_cmd[run_cmd.index("--out") + 1] = str(out)
+        subprocess.run(run_cmd, check=True, cwd=ROOT)
+        metrics = json.loads(out.read_text())["metrics"]
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+    metrics = evaluate(cmd, args.run / "zoo_metrics.json")
+    if args.also_tta:
+        tta_cmd = [*cmd, "--tta"]
+        common["metrics_tta"] = evaluate(tta_cmd, args.run / "zoo_metrics_tta.json")
+        common["metrics_tta_command"] = shlex.join(tta_cmd)
     folder = zoo.publish(ckpt, args.name, metrics=metrics, metrics_command=shlex.join(cmd), **common)
-    print(folder, json.dumps(metrics))
+    print(folder, json.dumps(metrics), json.dumps(common.get("metrics_tta", {})))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ def private_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSSL_RUNS_DIR", str(tmp_path / "runs"))
 
 
+TRAINED_WITH_X_FLIPS = {"augment": True, "flip_axes": [-1]}  # what an engine run records in its checkpoints
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Untrained tiny models saved as checkpoints (the zoo is trained by another job)."""
@@ -40,7 +43,12 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     out = {}
     for key, name, kw, extra in [
-        ("unet", "unet_tiny", {"levels": 3}, {"class_names": HIPPO_CLASSES}),
+        (
+            "unet",
+            "unet_tiny",
+            {"levels": 3},
+            {"class_names": HIPPO_CLASSES, "train_config": TRAINED_WITH_X_FLIPS},
+        ),
         ("vitcls", "vit_tiny", {"num_classes": 2, "depth": 2}, {"class_names": ["normal", "abnormal"]}),
         ("dino", "dino_tiny", {"depth": 2, "out_dim": 256, "hidden_dim": 64}, {}),
         ("msmae", "msmae_tiny", {"depth": 2}, {}),
@@ -118,6 +126,15 @@ def test_model_dock_segments_slice_and_volume_and_cancels(
     qtbot.waitUntil(lambda: mw._worker is None, timeout=60_000)
     assert np.array_equal(seg.data, inference.segment(model, img))
     shot(viewer, qtbot, test_output, "model_segment")
+
+    # mirror TTA: the slice is segmented with its X-mirrored copy too (the checkpoint was trained with X flips)
+    mw.tta_check.setChecked(True)
+    mw.scope_combo.setCurrentText("current slice")
+    mw.run()
+    qtbot.waitUntil(lambda: mw._worker is None, timeout=60_000)
+    assert inference.training_flip_axes(model) == (-1,)
+    assert np.array_equal(seg.data[z], inference.segment(model, img[z], mirror=(-1,)))
+    mw.tta_check.setChecked(False)
 
     # Cancel: set the flag from the worker's first progress report (a direct connection, no race)
     mw._relay.progressed.connect(lambda *_: mw._cancel.set(), Qt.ConnectionType.DirectConnection)

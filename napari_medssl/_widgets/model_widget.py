@@ -20,6 +20,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QHBoxLayout,
@@ -123,16 +124,26 @@ def class_names(model: Any, card: dict[str, Any] | None = None) -> list[str]:
 
 
 def run_model(
-    model: Any, image: np.ndarray, rgb: bool, device: str, progress_cb: Any, cancel: Any
+    model: Any,
+    image: np.ndarray,
+    rgb: bool,
+    device: str,
+    progress_cb: Any,
+    cancel: Any,
+    mirror: bool = False,
 ) -> np.ndarray:
-    """Probabilities (classifier) or labels (segmenter) for an image, plane or volume (worker thread)."""
+    """Probabilities (classifier) or labels (segmenter) for an image, plane or volume (worker thread).
+
+    ``mirror``: segmenters average with mirrored copies along the axes their training flipped (test-time
+    augmentation, see :mod:`napari_medssl.inference`)."""
     from napari_medssl import inference
 
     kw = dict(device=device, rgb=rgb, progress=progress_cb, cancel=cancel)
     if getattr(model, "task", None) == "classify":
         return inference.classify(model, image, **kw)
     if getattr(model, "task", None) == "segment":
-        return inference.segment(model, image, **kw)
+        axes = inference.training_flip_axes(model) if mirror else ()
+        return inference.segment(model, image, mirror=axes, **kw)
     raise ValueError(
         f"this model's task is {getattr(model, 'task', None)!r}: it has no classification or segmentation "
         "head. Fine-tune it first (Fine-tune dock), or pick a classifier or segmenter."
@@ -164,6 +175,11 @@ class ModelWidget(QWidget):
         self.image_combo = LayerCombo(napari_viewer, Image)
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(SCOPES)
+        self.tta_check = QCheckBox("Mirror TTA (segmenters)")
+        self.tta_check.setToolTip(
+            "Test-time augmentation: average the prediction with those of mirrored copies of the image, along "
+            "the axes the model was trained to flip. One extra pass per mirror; usually a little more accurate."
+        )
         self.run_btn = QPushButton("Run")
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
@@ -179,6 +195,7 @@ class ModelWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Image", self.image_combo)
         form.addRow("Run on", self.scope_combo)
+        form.addRow(self.tta_check)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_btn)
         buttons.addWidget(self.cancel_btn)
@@ -278,6 +295,7 @@ class ModelWidget(QWidget):
             device,
             self._relay.progressed.emit,
             self._cancel,
+            self.tta_check.isChecked(),
         )
         worker.returned.connect(lambda out: self._on_returned(model, layer, job, out))
         worker.finished.connect(self._on_finished)
