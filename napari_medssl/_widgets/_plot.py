@@ -159,10 +159,10 @@ class TrainingMonitor(QWidget):
         layout.setContentsMargins(6, 6, 6, 6)
         layout.addWidget(self.plot, 1)
         layout.addWidget(self.status_label)
-        self.resize(460, 250)
+        self.resize(380, 230)
 
     def show_near(self, anchor: QWidget | None) -> None:
-        """Show (and raise) the window beside ``anchor``'s top-level window, over its top-right corner."""
+        """Show (and raise) the window above ``anchor``'s top-level window, at its bottom-left corner."""
         if not self.isWindow():  # embedded in another widget (the benchmark's docked comparison)
             self.show()
             return
@@ -170,7 +170,8 @@ class TrainingMonitor(QWidget):
         if window is not None and window is not self and self.parentWidget() is not window:
             self.setParent(window, Qt.WindowType.Tool)  # stays above napari, not in the task bar
         if not self.isVisible() and window is not None and window is not self:
+            # over the bottom of the layer list (napari's emptiest corner), clear of the canvas and the docks
             geo = window.frameGeometry()
-            self.move(max(geo.left(), geo.right() - self.width() - 40), geo.top() + 90)
+            self.move(geo.left() + 12, max(geo.top(), geo.bottom() - self.height() - 70))
         self.show()
         self.raise_()
