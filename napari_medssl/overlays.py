@@ -221,6 +221,39 @@ def _check_plane(plane: Plane) -> None:
 
 
 # -- DINO -----------------------------------------------------------------------------------------------------
+def tissue_lift(maps: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """How much each attention map looks at tissue rather than background.
+
+    Tissue is the image's pixels above its Otsu threshold (the body, the breast: images with a dark
+    background). Per head: (share of the head's attention that falls on tissue) / (share of the image that is
+    tissue). 1 is a map blind to anatomy (uniform, or as often on background as on tissue); above 1 the head
+    attends to tissue, below 1 to the background.
+
+    Args:
+        maps: ``(H, Y, X)`` non-negative attention maps (raw softmax weights or normalised maps).
+        image: ``(Y, X)`` intensities on the same grid.
+
+    Returns:
+        ``(H,)`` float64 lifts; NaN where the image has no tissue/background split (constant image).
+
+    Raises:
+        ValueError: the shapes do not match.
+    """
+    from skimage.filters import threshold_otsu
+
+    maps = np.asarray(maps, dtype=np.float64)
+    image = np.asarray(image, dtype=np.float64)
+    if maps.ndim != 3 or maps.shape[1:] != image.shape:
+        raise ValueError(f"maps {maps.shape} must be (H, *image.shape) with image {image.shape}")
+    if not np.isfinite(image).all() or image.max() <= image.min():
+        return np.full(len(maps), np.nan)
+    tissue = image > threshold_otsu(image)
+    share = tissue.mean()
+    total = maps.sum(axis=(1, 2))
+    mass = (maps * tissue).sum(axis=(1, 2)) / np.where(total > 0, total, np.nan)
+    return mass / share
+
+
 def dino_overlays(
     model: Any,
     plane: Plane,
@@ -264,10 +297,12 @@ def dino_overlays(
         raw = attention_maps(model, x, upsample=False, normalize=False)  # (1, H, gh, gw)
         masks = mass_threshold_masks(raw, threshold)[0]  # (H, gh, gw)
     shape = plane.data.shape
+    raw_px = attention_maps(model, x, normalize=False)[0].numpy()  # (H, y, x) softmax weights per pixel
+    lift = tissue_lift(raw_px, x[0, 0].float().cpu().numpy())
     maps = resize_to(maps, shape, nearest=True)
     masks = _grid_to_plane(masks, vit.patch_size, tuple(x.shape[-2:]), shape, nearest=True)
     heads = range(n_heads) if head is None else [head]
-    meta = {"method": "dino", "threshold": threshold}
+    meta = {"method": "dino", "threshold": threshold, "tissue_lift": [round(float(v), 3) for v in lift]}
     out: list[OverlayLayer] = []
     if stack_heads:
         sel = np.stack([maps[h] for h in heads])  # (H, Y, X): heads as a leading axis

@@ -84,6 +84,21 @@ def test_dino_overlays_maps_masks_and_geometry(hippo, dino):
         assert set(np.unique(masks[h].data)) == {0, h + 1}
 
 
+def test_tissue_lift_on_a_real_mammogram(mammo, dino):
+    """1 for a uniform map, > 1 for a map on the breast, < 1 for a map on the black background."""
+    img = np.asarray(mammo.data, dtype=np.float64)[::8, ::8]  # (128, 128)
+    tissue = img > np.percentile(img, 60)
+    maps = np.stack([np.ones_like(img), tissue.astype(float), (~tissue).astype(float)])
+    lift = ov.tissue_lift(maps, img)
+    assert lift[0] == pytest.approx(1.0) and lift[1] > 1.5 and lift[2] < 0.5
+    assert np.isnan(ov.tissue_lift(maps, np.zeros_like(img))).all()
+    with pytest.raises(ValueError, match="must be"):
+        ov.tissue_lift(maps[0], img)
+    plane = ov.take_plane(mammo.data, None, (0, 1), mammo.scale, mammo.translate)
+    layers = ov.dino_overlays(dino, plane)  # the overlays carry each head's lift in their metadata
+    assert len(layers[0].metadata["tissue_lift"]) == dino.backbone.num_heads
+
+
 def test_dino_masks_grow_with_threshold_and_head_selects(hippo, dino):
     plane = hippo_plane(hippo)
     sizes = []
