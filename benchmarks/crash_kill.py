@@ -46,7 +46,7 @@ from helpers_crash import (  # noqa: E402
     resources,
     start_stop,
 )
-from helpers_engine import small_msd  # noqa: E402
+from helpers_engine import seg_config, small_msd  # noqa: E402
 
 HIPPO = "hippocampus/imagesTr/hippocampus_001.nii.gz"
 HIPPO_LABELS = "hippocampus/labelsTr/hippocampus_001.nii.gz"
@@ -200,7 +200,7 @@ def start_stop_cycles(data: Path, work: Path, n: int, rng: np.random.Generator) 
 def disk_full(data: Path) -> dict:
     """A run folder on a 16 MB tmpfs: train to step 2, fill the disk, continue: ENOSPC, step 2 still loads."""
     from napari_medssl import autosave
-    from napari_medssl.engine import TrainConfig, train
+    from napari_medssl.engine import train
     from napari_medssl.engine.checkpoint import RunFolder
     from napari_medssl.io import read_nifti
 
@@ -214,18 +214,7 @@ def disk_full(data: Path) -> dict:
     try:
         msd = small_msd(data, Path(tempfile.mkdtemp()) / "msd", n=3)
         run = mount / "run"
-        cfg = dict(
-            model="unet_tiny",
-            task="segment",
-            data=str(msd),
-            out_dir=str(run),
-            batch_size=2,
-            val_every=2,
-            warmup_steps=1,
-            model_overrides={"levels": 2},
-            device="cpu",
-        )
-        list(train(TrainConfig(**cfg, max_steps=2)))
+        list(train(seg_config(msd, run, max_steps=2)))
         good = RunFolder(run).read_last()
         labels = read_nifti(data / HIPPO_LABELS).data
         (mount / "autosave").mkdir()
@@ -236,7 +225,7 @@ def disk_full(data: Path) -> dict:
             fh.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 40_000))
         errors = []
         for what, action in (
-            ("training", lambda: list(train(TrainConfig(**cfg, max_steps=4)))),
+            ("training", lambda: list(train(seg_config(msd, run, max_steps=4)))),
             (
                 "autosave",
                 lambda: autosave.save_labels(

@@ -4,14 +4,34 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+
+from napari_medssl.engine import TrainConfig
 
 # small configurations that still exercise every code path
 TINY_UNET = {"levels": 2}
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 TINY_MAE = {**TINY_VIT, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
+
+
+def seg_config(data: Path | str, out: Path | str, **kw: Any) -> TrainConfig:
+    """A tiny real U-Net segmentation run (2 levels, CPU, a few steps) on ``data``; ``kw`` overrides fields."""
+    base: dict[str, Any] = dict(
+        model="unet_tiny",
+        task="segment",
+        data=str(data),
+        out_dir=str(out),
+        max_steps=2,
+        batch_size=2,
+        val_every=2,
+        warmup_steps=1,
+        model_overrides=dict(TINY_UNET),
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
 
 
 def small_msd(data_dir: Path, dest: Path, n: int = 6) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import helpers_engine
 import numpy as np
 import pytest
 import torch
@@ -21,19 +22,10 @@ def msd(data_dir, tmp_path_factory):
 
 
 def seg_config(data, out, **kw) -> TrainConfig:
-    base = dict(
-        model="unet_tiny",
-        task="segment",
-        data=str(data),
-        out_dir=str(out),
-        max_steps=4,
-        batch_size=4,
-        val_every=2,
-        warmup_steps=1,
-        model_overrides=dict(TINY_UNET),
-        lr=3e-3,
+    """The shared tiny U-Net run, a little longer here (4 steps of 4 slices) on the default device."""
+    return helpers_engine.seg_config(
+        data, out, **{"max_steps": 4, "batch_size": 4, "lr": 3e-3, "device": "auto", **kw}
     )
-    return TrainConfig(**{**base, **kw})
 
 
 def test_segmentation_run_events_files_and_checkpoint(msd, tmp_path):

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import torch
 from helpers_crash import finetune_kwargs, resources, start_stop
-from helpers_engine import TINY_UNET, one_thread, small_msd  # noqa: F401
+from helpers_engine import TINY_UNET, one_thread, seg_config, small_msd  # noqa: F401
 
 from napari_medssl import autosave, inference
-from napari_medssl.engine import TrainConfig, train
+from napari_medssl.engine import train
 from napari_medssl.engine.checkpoint import RunFolder
 from napari_medssl.engine.cli import main as medssl
 from napari_medssl.io import read_nifti
@@ -45,22 +45,6 @@ def msd(data_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hippo(data_dir: Path) -> np.ndarray:
     return read_nifti(data_dir / HIPPO).data
-
-
-def seg_config(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        model="unet_tiny",
-        task="segment",
-        data=str(data),
-        out_dir=str(out),
-        max_steps=2,
-        batch_size=2,
-        val_every=2,
-        warmup_steps=1,
-        model_overrides=dict(TINY_UNET),
-        device="cpu",
-    )
-    return TrainConfig(**{**base, **kw})
 
 
 # -- no GPU ------------------------------------------------------------------------------------------------------
