@@ -21,7 +21,9 @@ def data_dir() -> Path:
     """The real medical images (../shared/data). Fails, not skips, when absent."""
     d = _data_dir()
     if not (d / "README.md").is_file():
-        pytest.fail(f"real test data not found at {d}; set MEDSSL_DATA_DIR or put ../shared/data beside the checkout")
+        pytest.fail(
+            f"real test data not found at {d}; set MEDSSL_DATA_DIR or put ../shared/data beside the checkout"
+        )
     return d
 
 

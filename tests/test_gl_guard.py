@@ -41,6 +41,8 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.gui
 def test_docks_open_after_the_viewer_made_its_gl_context():
     env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=240, env=env
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     assert "OK (1, 3, 32, 32)" in proc.stdout
