@@ -73,6 +73,28 @@ def test_pretrain_loss_backward_every_trained_parameter(tiny_dino: DINO, images:
     assert frozen == {"student_head.last_layer.parametrizations.weight.original0"}  # norm_last_layer gain
 
 
+def test_batchnorm_head_keeps_alike_images_apart(data_dir: Path) -> None:
+    """``head_use_bn``: BatchNorm in both heads, the teacher's head on batch statistics; on 16 real mammograms a
+    fresh model's centred teacher output is then far from uniform (without it: almost uniform)."""
+    x = mammograms(data_dir, 16, 64)
+    entropy = {}
+    for bn in (False, True):
+        torch.manual_seed(0)
+        model = create_model("dino_tiny", depth=2, out_dim=256, head_use_bn=bn).train()
+        assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.teacher_head.modules()) == bn
+        assert model.teacher_head.training == bn and not model.teacher.training
+        with torch.no_grad():
+            t = model.teacher_head(model.teacher.forward_head(model.teacher.forward_features(x)))
+            q = torch.softmax((t - t.mean(0)) / 0.04, -1)  # centred on this batch, sharpened
+            entropy[bn] = float(-(q * q.clamp_min(1e-12).log()).sum(-1).mean())
+        out = model.pretrain_loss(x, generator=torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"])
+        if bn:
+            model.on_train_step(1, 10)  # the EMA reaches the BatchNorm affine parameters too
+    assert entropy[False] > 0.97 * np.log(256) and entropy[True] < 0.85 * np.log(256), entropy
+
+
 def test_teacher_is_ema_of_student(tiny_dino: DINO, images: torch.Tensor) -> None:
     model = tiny_dino
     model.train()
