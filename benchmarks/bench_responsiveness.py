@@ -120,12 +120,14 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
     def dock_monitor(docked: bool) -> None:
         from qtpy.QtCore import Qt
 
-        if docked:
+        if docked:  # Start must not pull it out again: the dock's "show the progress window" does nothing
             fw.monitor.setParent(fw, Qt.WindowType.Widget)
             fw.layout().addWidget(fw.monitor)
+            fw.show_progress = lambda: None
         else:
             fw.layout().removeWidget(fw.monitor)
             fw.monitor.setParent(None, Qt.WindowType.Tool)
+            del fw.show_progress  # back to the class's method
         fw.monitor.show()
         pump(app, 1.0)
 

@@ -251,8 +251,11 @@ def training_flip_axes(model: nn.Module) -> tuple[int, ...]:
 
 def _mirror_sets(axes: tuple[int, ...], dims: int) -> list[tuple[int, ...]]:
     """Every non-empty combination of the (distinct, in-range) mirror axes, as tensor dims counted from the end."""
-    norm = sorted({int(a) % dims - dims for a in axes if -dims <= int(a) < dims})
-    if len(norm) != len(set(axes)):
+    bad = [a for a in axes if not -dims <= int(a) < dims]
+    if bad:
+        raise ValueError(f"mirror axes {bad} are out of range for a {dims}D input (use -{dims}..{dims - 1})")
+    norm = sorted({int(a) % dims - dims for a in axes})
+    if len(norm) != len(axes):
         raise ValueError(f"mirror axes {tuple(axes)} must be distinct spatial axes of a {dims}D input")
     return [c for r in range(1, len(norm) + 1) for c in itertools.combinations(norm, r)]
 

@@ -151,6 +151,8 @@ def test_mirror_tta_averages_the_flipped_passes(hippo):
     assert three.shape == plain.shape and np.allclose(three.sum(0), 1, atol=1e-5)
     with pytest.raises(ValueError, match="distinct"):
         inference.segment_probabilities(model, vol, mirror=(-1, 1))
+    with pytest.raises(ValueError, match="out of range"):
+        inference.segment_probabilities(model, vol, mirror=(-3,))
     assert inference.training_flip_axes(model) == ()
     model.checkpoint_extra = {"train_config": {"augment": True, "flip_axes": [-1]}}
     assert inference.training_flip_axes(model) == (-1,)

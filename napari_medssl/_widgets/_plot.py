@@ -163,9 +163,6 @@ class TrainingMonitor(QWidget):
 
     def show_near(self, anchor: QWidget | None) -> None:
         """Show (and raise) the window above ``anchor``'s top-level window, at its bottom-left corner."""
-        if not self.isWindow():  # embedded in another widget (the benchmark's docked comparison)
-            self.show()
-            return
         window = anchor.window() if anchor is not None else None
         if window is not None and window is not self and self.parentWidget() is not window:
             self.setParent(window, Qt.WindowType.Tool)  # stays above napari, not in the task bar

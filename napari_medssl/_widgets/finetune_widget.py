@@ -445,29 +445,26 @@ class FinetuneWidget(QWidget):
             self.best_path = ev["path"]
             self.use_best_btn.setEnabled(True)
         elif kind == "done":
-            self._finish()
             self.best_path = ev.get("best_path") or self.best_path
             metrics = ev.get("metrics") or {}
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k in VAL_METRICS)
-            self.status_label.setText(f"done at step {ev.get('step')} · best {shown or 'n/a'}")
-            self.state_label.setText(self.status_label.text())
+            self._finish(f"done at step {ev.get('step')} · best {shown or 'n/a'}")
             if self.best_path:
                 self.session.checkpoint_ready.emit(self.best_path)
         elif kind == "error":
-            self._finish()
-            self.status_label.setText(f"failed: {ev.get('message')}")
-            self.state_label.setText(self.status_label.text())
+            self._finish(f"failed: {ev.get('message')}")
             report_error(RuntimeError(ev.get("message", "unknown error")), "Fine-tuning failed")
         elif kind == "stopped":
-            self._finish()
-            self.status_label.setText("stopped" + (" · best checkpoint kept" if self.best_path else ""))
-            self.state_label.setText(self.status_label.text())
+            self._finish("stopped" + (" · best checkpoint kept" if self.best_path else ""))
 
-    def _finish(self) -> None:
+    def _finish(self, message: str) -> None:
+        """The run ended: buttons back, ``message`` in the progress window and in the dock."""
         self.timer.stop()
         self.start_btn.setEnabled(True)
         self.stop_btn.setEnabled(False)
         self.use_best_btn.setEnabled(bool(self.best_path))
+        self.status_label.setText(message)
+        self.state_label.setText(message)
 
     def use_best(self) -> None:
         """Send the best checkpoint so far to the Model dock."""
