@@ -8,12 +8,17 @@ backward), read from the profiler's allocation records (deterministic, unlike pr
 ``--dice-steps N`` also trains the 2D ``unet`` and ``emfformer`` of that tier for ``N`` steps on slices of 40
 training volumes with the same recipe and reports the mean foreground Dice on 20 held-out volumes.
 
-Run: ``.venv/bin/python benchmarks/bench_segmenters.py [--size tiny] [--dice-steps 600]``
+``--device cuda`` measures on the GPU instead: latency between CUDA synchronisations, peak memory from the CUDA
+caching allocator's counters (``max_memory_allocated`` above what was held before the pass).
+
+Run: ``.venv/bin/python benchmarks/bench_segmenters.py [--size tiny] [--dice-steps 600] [--device cuda]``
+(data: ``$MEDSSL_DATA_DIR/hippocampus``, default ``../shared/data``)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from napari_medssl.models import create_model, list_models
 from napari_medssl.transforms import normalize_intensity
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
+DATA = Path(os.environ.get("MEDSSL_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data") / "hippocampus"
+DEVICE = torch.device("cpu")  # set by --device
 
 
 def load_case(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,8 +45,21 @@ def load_case(i: int) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def peak_alloc_bytes(fn) -> int:
-    """Peak of live bytes in PyTorch's CPU allocator while ``fn()`` runs (allocations minus frees, in order)."""
+    """Peak of live bytes in PyTorch's allocator while ``fn()`` runs, above what was held before it: on the CPU
+    from the profiler's allocation records (allocations minus frees, in order), on CUDA from its counters."""
+    if DEVICE.type == "cuda":
+        _sync()
+        before = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        fn()
+        _sync()
+        return torch.cuda.max_memory_allocated(DEVICE) - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = []
@@ -59,6 +78,8 @@ def measure(name: str, spatial_dims: int, x: torch.Tensor, repeats: int) -> dict
     """Parameters, FLOPs, latency and peak memory of one model on one input."""
     torch.manual_seed(0)
     model = create_model(name, spatial_dims=spatial_dims) if spatial_dims else create_model(name)
+    model.to(DEVICE)
+    x = x.to(DEVICE)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.eval()
     with torch.no_grad():
@@ -68,8 +89,10 @@ def measure(name: str, spatial_dims: int, x: torch.Tensor, repeats: int) -> dict
         assert out.shape[2:] == x.shape[2:], (name, out.shape, x.shape)
         times = []
         for _ in range(repeats):
+            _sync()
             t0 = time.perf_counter()
             model(x)
+            _sync()
             times.append(time.perf_counter() - t0)
         infer_peak = peak_alloc_bytes(lambda: model(x))
     model.train()
@@ -103,7 +126,7 @@ def cost_table(size: str, repeats: int) -> None:
                 kwargs_dims = dims if family in ("unet", "emfformer") else 0
                 rows.append((name, dims, tuple(x.shape[2:]), measure(name, kwargs_dims, x, repeats)))
     print(
-        f"\n| model | input | params | GFLOPs | CPU ms (median of {repeats}) | inference peak MiB | train-step peak MiB |"
+        f"\n| model | input | params | GFLOPs | {DEVICE.type.upper()} ms (median of {repeats}) | inference peak MiB | train-step peak MiB |"
     )
     print("|---|---|---|---|---|---|---|")
     for name, dims, shape, r in rows:
@@ -130,7 +153,8 @@ def recompute_cost(slice_2d: torch.Tensor, volume: torch.Tensor, repeats: int) -
         steps, times, peaks = {}, {False: [], True: []}, {}
         for recompute in (False, True):
             torch.manual_seed(0)
-            model = create_model("emfformer_tiny", spatial_dims=dims, recompute_ffn=recompute).train()
+            model = create_model("emfformer_tiny", spatial_dims=dims, recompute_ffn=recompute).train().to(DEVICE)
+            x = x.to(DEVICE)
 
             def step(model=model, x=x) -> None:
                 model(x).square().mean().backward()
@@ -140,8 +164,10 @@ def recompute_cost(slice_2d: torch.Tensor, volume: torch.Tensor, repeats: int) -
             peaks[recompute] = peak_alloc_bytes(step) / 2**20
         for _ in range(3 * repeats):
             for recompute in (False, True):
+                _sync()
                 t0 = time.perf_counter()
                 steps[recompute]()
+                _sync()
                 times[recompute].append(time.perf_counter() - t0)
         ms0, ms1 = (statistics.median(times[r]) * 1e3 for r in (False, True))
         mb0, mb1 = peaks[False], peaks[True]
@@ -215,9 +241,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 keeps a shared machine sane)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cost table only; the Dice race runs on the CPU)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}")
     cost_table(args.size, args.repeats)
     if args.dice_steps:
         dice_race(args.size, args.dice_steps)

@@ -252,3 +252,44 @@ def test_medmnist_rgb_classifier_and_mixed_source_pretraining(data_dir, tmp_path
     done = list(trainer.run())[-1]
     sources = {c.id.split(":")[0] for c in trainer.train_cases + trainer.val_cases}
     assert sources == {"0", "1", "2"} and np.isfinite(done["metrics"]["val_loss"])
+
+
+class _FakeClock:
+    """``time.monotonic`` stand-in that advances ``tick`` seconds per reading."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 1000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_ends_the_run_and_decays_the_learning_rate(msd, tmp_path, monkeypatch):
+    import napari_medssl.engine.loop as loop
+
+    monkeypatch.setattr(loop.time, "monotonic", _FakeClock(5.0))
+    run = tmp_path / "timed"
+    cfg = seg_config(msd, run, max_steps=10_000, val_every=1000, max_minutes=1.0, warmup_steps=1)
+    events = list(train(cfg))
+    steps = [e for e in events if e["event"] == "step"]
+    assert 3 <= len(steps) < 20  # the minute ran out long before 10 000 steps
+    lrs = [e["lr"] for e in steps]
+    assert lrs[1:] == sorted(lrs[1:], reverse=True)  # cosine on time after the warm-up
+    assert lrs[-1] < 0.2 * cfg.lr
+    vals = [e for e in events if e["event"] == "val"]
+    assert len(vals) == 1 and vals[0]["step"] == steps[-1]["step"]  # validated + saved at the end
+    last = json.loads((run / "last.json").read_text())
+    assert last["step"] == steps[-1]["step"] and last["elapsed_s"] >= 60.0
+    assert events[-1]["event"] == "done" and events[-1]["best_path"]
+
+    # a resumed run counts the minutes already spent: with 2 minutes in all, about as many steps again
+    more = list(train(seg_config(msd, run, max_steps=10_000, val_every=1000, max_minutes=2.0, warmup_steps=1)))
+    resumed = [e["step"] for e in more if e["event"] == "step"]
+    assert resumed and resumed[0] == steps[-1]["step"] + 1 and len(resumed) <= len(steps) + 2
+    assert json.loads((run / "last.json").read_text())["elapsed_s"] >= 120.0
+
+
+def test_time_budget_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(model="unet_tiny", max_minutes=0)

@@ -61,6 +61,13 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoints, split, events)")
     g.add_argument("--max-steps", type=int, default=1000, help="optimiser steps (default 1000)")
+    g.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget too (resumes included): stop at whichever of steps and minutes comes first; "
+        "the learning rate then decays on time",
+    )
     g.add_argument("--batch-size", type=int, default=8, help="samples per step and process (default 8)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
@@ -249,6 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data if len(args.data) > 1 else args.data[0],
         out_dir=args.out,
         max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,

@@ -24,6 +24,11 @@ class TrainConfig:
             arrays from the viewer).
         out_dir: the run folder (config, split, checkpoints, ``events.jsonl``).
         max_steps: optimiser steps in total (a resumed run continues up to this number).
+        max_minutes: a wall-clock budget as well (training time of all sessions of the run, resumes included;
+            validation counted): the run ends at whichever of ``max_steps`` and ``max_minutes`` comes first,
+            and the learning-rate cosine (and models' own schedules, e.g. DINO's teacher momentum) follow the
+            run's progress, the larger of steps done / ``max_steps`` and minutes spent / ``max_minutes``, so a
+            time-bound run still ends with a decayed learning rate. ``None``: steps only.
         batch_size: samples per step and process.
         lr: peak learning rate (AdamW), reached after ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``.
         weight_decay: AdamW weight decay (not applied to biases and norms).
@@ -62,6 +67,7 @@ class TrainConfig:
     data: Any = None
     out_dir: str = "runs/medssl"
     max_steps: int = 1000
+    max_minutes: float | None = None
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -93,6 +99,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -71,3 +71,14 @@ def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_float(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (identity without a process group)."""
+    if not is_distributed():
+        return value
+    # NCCL moves CUDA tensors only; gloo takes CPU tensors
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=on)
+    dist.broadcast(t, src=0)
+    return float(t.item())

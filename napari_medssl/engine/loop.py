@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -111,14 +112,29 @@ def soft_dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``lr · min_lr_ratio`` at ``max_steps``."""
+def lr_at(step: int, config: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr · min_lr_ratio``.
+
+    The cosine runs over the steps after the warm-up, or, when ``progress`` (the run's fraction done, 0–1, see
+    :func:`run_progress`) is given, over that fraction: a time-bound run decays on time.
+    """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.max_steps - config.warmup_steps)
-    t = min(1.0, (step - config.warmup_steps) / span)
+    if progress is None:
+        span = max(1, config.max_steps - config.warmup_steps)
+        t = min(1.0, (step - config.warmup_steps) / span)
+    else:
+        t = min(1.0, max(0.0, progress))
     low = config.lr * config.min_lr_ratio
     return low + (config.lr - low) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def run_progress(step: int, elapsed_s: float, config: TrainConfig) -> float:
+    """The run's fraction done: steps / ``max_steps``, or minutes spent / ``max_minutes`` if that is larger."""
+    done = step / config.max_steps
+    if config.max_minutes is not None:
+        done = max(done, elapsed_s / (60.0 * config.max_minutes))
+    return min(1.0, done)
 
 
 def _is_better(value: float, best: float | None, metric: str) -> bool:
@@ -252,7 +268,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
         aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
 
-        record: dict[str, Any] = {"best_value": None, "best_step": None, "best_metrics": None}
+        record: dict[str, Any] = {"best_value": None, "best_step": None, "best_metrics": None, "elapsed_s": 0.0}
         step = 0
         last = self.folder.read_last() if cfg.resume else None
         if last is not None:
@@ -269,7 +285,7 @@ class Trainer:
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
             step = int(last["step"])
-            record = {k: last.get(k) for k in record}
+            record = {k: last.get(k, record[k]) for k in record}
         elif self.rank == 0:
             self.folder.start_fresh()
             cfg.save(self.folder.dir / "config.json")
@@ -315,7 +331,12 @@ class Trainer:
         hook = getattr(model, "on_train_step", None)
         last_path: Path | None = None
 
-        while step < cfg.max_steps:
+        # wall-clock of this run, sessions before a resume included (all ranks follow rank 0's clock)
+        clock0 = time.monotonic() - float(record.get("elapsed_s") or 0.0)
+        timed = cfg.max_minutes is not None
+        progress = run_progress(step, time.monotonic() - clock0, cfg)
+
+        while step < cfg.max_steps and progress < 1.0:
             epoch = step // per_epoch
             sampler.set_epoch(epoch)
             sampler.start = (step % per_epoch) * cfg.batch_size
@@ -325,7 +346,7 @@ class Trainer:
                 y = batch["label"].to(self.device, non_blocking=True)
                 if cfg.augment:
                     x, y = augment_batch(x, y, aug_gen, cfg.flip_axes)
-                lr = lr_at(step, cfg)
+                lr = lr_at(step, cfg, progress if timed else None)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 model.train()
@@ -347,8 +368,11 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 step += 1
-                if callable(hook):
-                    hook(step, cfg.max_steps)
+                progress = run_progress(step, time.monotonic() - clock0, cfg)
+                if timed and self.world_size > 1:  # every rank stops at the same step
+                    progress = dist_utils.broadcast_float(progress, self.device)
+                if callable(hook):  # models' schedules: a step count on the run's progress
+                    hook(round(progress * cfg.max_steps) if timed else step, cfg.max_steps)
                 yield {
                     "event": "step",
                     "step": step,
@@ -356,7 +380,8 @@ class Trainer:
                     "loss": loss.item(),
                     "lr": lr,
                 }
-                if step % cfg.val_every == 0 or step == cfg.max_steps:
+                finished = step >= cfg.max_steps or progress >= 1.0
+                if step % cfg.val_every == 0 or finished:
                     if self.rank == 0:
                         metrics = self.validate(loss_module)
                         yield {"event": "val", "step": step, "metrics": metrics}
@@ -374,13 +399,14 @@ class Trainer:
                         if self.device.type == "cuda":
                             rng["cuda"] = torch.cuda.get_rng_state(self.device)
                         extra = self._extra(metrics)
+                        record["elapsed_s"] = round(time.monotonic() - clock0, 3)
                         last_path = self.folder.save_last(model, optimizer, step, extra, record, rng)
                         yield {"event": "checkpoint", "step": step, "path": str(last_path), "best": False}
                         if is_best:
                             best = self.folder.save_best(model, extra)
                             yield {"event": "checkpoint", "step": step, "path": str(best), "best": True}
                     dist_utils.barrier()
-                if step >= cfg.max_steps:
+                if finished:
                     break
         if last_path is None and last is not None:
             last_path = self.folder.dir / last["weights"]
