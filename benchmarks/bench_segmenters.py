@@ -33,7 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from napari_medssl.models import create_model, list_models
 from napari_medssl.transforms import normalize_intensity
 
-DATA = Path(os.environ.get("MEDSSL_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data") / "hippocampus"
+DATA = (
+    Path(os.environ.get("MEDSSL_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    / "hippocampus"
+)
 DEVICE = torch.device("cpu")  # set by --device
 
 
@@ -153,7 +156,9 @@ def recompute_cost(slice_2d: torch.Tensor, volume: torch.Tensor, repeats: int) -
         steps, times, peaks = {}, {False: [], True: []}, {}
         for recompute in (False, True):
             torch.manual_seed(0)
-            model = create_model("emfformer_tiny", spatial_dims=dims, recompute_ffn=recompute).train().to(DEVICE)
+            model = (
+                create_model("emfformer_tiny", spatial_dims=dims, recompute_ffn=recompute).train().to(DEVICE)
+            )
             x = x.to(DEVICE)
 
             def step(model=model, x=x) -> None:
@@ -241,12 +246,16 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 keeps a shared machine sane)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cost table only; the Dice race runs on the CPU)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (cost table only; the Dice race runs on the CPU)"
+    )
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    )
     print(f"torch {torch.__version__}, {where}")
     cost_table(args.size, args.repeats)
     if args.dice_steps:

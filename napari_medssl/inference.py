@@ -243,6 +243,8 @@ def _segment_batch(
 def training_flip_axes(model: nn.Module) -> tuple[int, ...]:
     """The spatial axes (negative, from the end) a checkpoint's training run flipped at random: the axes
     mirroring test-time augmentation may use. ``()`` when the run did not augment or nothing is recorded."""
+    if getattr(model, "is_ensemble", False):  # each member mirrors along its own axes (see segment_prepared)
+        return tuple(sorted({a for m in model.members for a in training_flip_axes(m)}))
     cfg = (getattr(model, "checkpoint_extra", None) or {}).get("train_config") or {}
     if not cfg or not cfg.get("augment", True):
         return ()
@@ -278,7 +280,7 @@ def segment_probabilities(
     Args:
         model: a ``"segment"`` model (2D or 3D).
         image: ``(Y, X)``, ``(Y, X, 3)`` or ``(Z, Y, X)``, raw intensities.
-        device: where to run (default: the model's device).
+        device: where to run (the model is moved there; default: where the model is).
         slice_axis: volume axis a 2D model slices along (0 = Z).
         batch_size: slices or windows per forward pass.
         overlap: sliding-window overlap fraction.
@@ -288,7 +290,7 @@ def segment_probabilities(
         progress: called as ``progress(done, total)`` after each forward pass.
         cancel: a callable or ``threading.Event``; when it turns true, :class:`Cancelled` is raised.
     """
-    dev = _model_device(model) if device is None else pick_device(device)
+    dev = _on_device(model, device)
     x = torch.from_numpy(prepare_image(image, getattr(model, "in_chans", 1), rgb))
     probs = segment_prepared(model, x, dev, slice_axis, batch_size, overlap, progress, cancel, mirror)
     return probs.numpy()
@@ -307,6 +309,8 @@ def segment_prepared(
 ) -> torch.Tensor:
     """Probabilities ``(K, *spatial)`` for a prepared image ``(C, *spatial)`` (see :func:`prepare_image`);
     ``mirror``: axes for mirroring test-time augmentation (see :func:`segment_probabilities`)."""
+    if getattr(model, "is_ensemble", False):
+        return _segment_ensemble(model, x, device, slice_axis, batch_size, overlap, progress, cancel, mirror)
     dims = x.ndim - 1
     model_dims = getattr(model, "spatial_dims", 2)
     window = model_window(model)
@@ -345,6 +349,35 @@ def segment_prepared(
     return probs.movedim(0, slice_axis + 1) if model_dims == 2 and dims == 3 else probs[0]
 
 
+def _segment_ensemble(
+    model: nn.Module,
+    x: torch.Tensor,
+    device: torch.device,
+    slice_axis: int,
+    batch_size: int,
+    overlap: float,
+    progress: Progress,
+    cancel: Cancel,
+    mirror: tuple[int, ...],
+) -> torch.Tensor:
+    """A :class:`~napari_medssl.models.ensemble.SegmentationEnsemble`: each member run as it runs alone (its
+    own window, 2D members slice by slice), probabilities averaged with the ensemble's weights; with
+    ``mirror``, each member mirrors along the axes its own training flipped."""
+    members = list(model.members)
+    total: torch.Tensor | None = None
+    for i, (weight, member) in enumerate(zip(model.weights, members)):
+
+        def report(done: int, n: int, i: int = i) -> None:
+            if progress is not None:
+                progress(i * n + done, len(members) * n)
+
+        axes = training_flip_axes(member) if mirror else ()
+        p = segment_prepared(member, x, device, slice_axis, batch_size, overlap, report, cancel, axes)
+        total = weight * p if total is None else total + weight * p
+    assert total is not None
+    return total
+
+
 def segment(model: nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
     """Label image ``(*spatial)`` (argmax of :func:`segment_probabilities`), ``uint8`` or ``uint16``."""
     probs = segment_probabilities(model, image, **kwargs)
@@ -365,7 +398,7 @@ def classify(
 ) -> np.ndarray:
     """Class probabilities: ``(K,)`` for an image (or a volume with a 3D model), ``(N, K)`` per slice when a
     2D model gets a volume (slices along ``slice_axis``)."""
-    dev = _model_device(model) if device is None else pick_device(device)
+    dev = _on_device(model, device)
     x = torch.from_numpy(prepare_image(image, getattr(model, "in_chans", 1), rgb))
     dims = x.ndim - 1
     model_dims = getattr(model, "spatial_dims", 2)
@@ -420,3 +453,14 @@ def predict(model: nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def _on_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """The device to run on: ``device`` (the model is moved there when it is elsewhere) or the model's own."""
+    if device is None:
+        return _model_device(model)
+    dev = pick_device(device)
+    current = _model_device(model)
+    if (current.type, current.index or 0) != (dev.type, dev.index or 0):
+        model.to(dev)
+    return dev

@@ -8,6 +8,7 @@ A lent GPU machine receives only the checkout (64 MiB in all), not ``../shared``
   the model sees the same pixels from either copy;
 - ``dicom/tcia_btp_*``: the TCIA series used for DINO pretraining, each slice 2x2 area-averaged (256² → 128²,
   ``PixelSpacing`` doubled), written uncompressed;
+- ``medmnist/`` as it is (3 MB; the engine tests read it);
 - ``README.md`` (the tests' marker for a data folder).
 
 Usage (from the checkout root): ``python scripts/device_bundle.py [--data ../shared/data] [--out .devdata]``
@@ -56,8 +57,9 @@ def main() -> None:
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(data / "README.md", out / "README.md")
-    if not (out / "hippocampus").exists():
-        shutil.copytree(data / "hippocampus", out / "hippocampus")
+    for name in ("hippocampus", "medmnist"):
+        if not (out / name).exists():
+            shutil.copytree(data / name, out / name)
     mias = out / "mammography_mias"
     mias.mkdir(exist_ok=True)
     for f in (data / "mammography_mias").iterdir():

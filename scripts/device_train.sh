@@ -12,7 +12,9 @@
 #   seg_{unet,emf,dinocnn,mim}: the four hippocampus segmenters, same split, same MIN-minute budget
 #     (medssl finetune --max-minutes), 2D batch 64, 3D batch 8 of 32x48x32, lr 3e-3, cosine on time;
 #   seg_mimpt: MiM pretrained (nested masked reconstruction, 1/3 of the budget) then fine-tuned (2/3);
-#   dino_{a,b,c}: DINO ViT-tiny pretraining variants on hippocampus + mini-MIAS + TCIA.
+#   dino_{a,b,c}: DINO ViT-tiny pretraining variants on hippocampus + mini-MIAS + TCIA;
+#   seg_unet3d, seg_unet3d_w24: 3D U-Nets (3 levels; base width 16 and 24), batch 8 of 40x56x40.
+# JOBS="seg_unet dino_a ..." picks some (default: the first eight, as run in 2026-11-27's first call).
 set -u
 MIN=${MIN:-7}
 D=${DATA:-.devdata}
@@ -37,8 +39,9 @@ cat "$OUT/gpu.txt"
 SPLIT=models/splits/hippocampus_seed0.json
 SEG="--task segment --data $D/hippocampus --split-file $SPLIT --max-steps 1000000 --val-every 1000 \
  --warmup-steps 300 --lr 3e-3 --device $DEV --no-resume"
-T=$("$PY" -c "print(int($MIN * 60 + 120))")  # hard stop per job, past its own budget
-run() { local name=$1; shift; ( timeout "$T" "$@" > "$R/$name.log" 2>&1; echo "exit $?" >> "$R/$name.log" ) & }
+T=$("$PY" -c "print(int($MIN * 60 + ${SLACK:-120}))")  # hard stop per job, SLACK s past its own budget
+JOBS=${JOBS:-seg_unet seg_emf seg_dinocnn seg_mim seg_mimpt dino_a dino_b dino_c}
+run() { local name=$1; shift; case " $JOBS " in *" $name "*) ;; *) return 0;; esac; ( timeout "$T" "$@" > "$R/$name.log" 2>&1; echo "exit $?" >> "$R/$name.log" ) & }
 
 run seg_unet $M finetune --model unet_tiny --batch-size 64 --max-minutes "$MIN" --out "$R/seg_unet" $SEG
 run seg_emf $M finetune --model emfformer_tiny --batch-size 64 --max-minutes "$MIN" --out "$R/seg_emf" $SEG
@@ -52,6 +55,9 @@ run seg_mimpt bash -c "$M pretrain --model mim_tiny --data $D/hippocampus --spli
     --best-metric last --no-resume --out $R/pre_mim && \
   $M finetune --model $R/pre_mim/best.safetensors --batch-size 8 --patch-size 32 48 32 --max-minutes $FT \
     --out $R/seg_mimpt $SEG"
+U3="--model unet_tiny --set spatial_dims=3 --set levels=3 --batch-size 8 --patch-size 40 56 40 --max-minutes $MIN"
+run seg_unet3d $M finetune $U3 --out "$R/seg_unet3d" ${SEG/--val-every 1000/--val-every 500}
+run seg_unet3d_w24 $M finetune $U3 --set base_width=24 --out "$R/seg_unet3d_w24" ${SEG/--val-every 1000/--val-every 500}
 DINO="--model dino_tiny --data $D/hippocampus --data $D/mammography_mias --data $D/dicom/tcia_btp_PGBM-001 \
  --data $D/dicom/tcia_btp_PGBM-005_T1post --max-steps 1000000 --max-minutes $MIN --val-every 2000 \
  --best-metric last --device $DEV --no-resume --set momentum_teacher=0.996"
@@ -64,10 +70,11 @@ run dino_c $M pretrain $DINO --out "$R/dino_c" --batch-size 256 --lr 2.5e-4 --wa
 if [ -z "${SKIP_CHECKS:-}" ]; then
 # beside the training: the CUDA tests and the CUDA cost table (memory ratios are per process, so valid under
 # the shared load; latencies are not)
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -ra tests/test_cuda.py tests/test_engine_train.py \
-  tests/test_segmenters.py tests/test_mim.py tests/test_dino.py tests/test_inference.py > "$OUT/pytest_cuda.txt" 2>&1
+TESTS=${TESTS:-tests/test_cuda.py tests/test_engine_train.py tests/test_segmenters.py tests/test_mim.py \
+  tests/test_dino.py tests/test_inference.py}
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -ra $TESTS > "$OUT/pytest_cuda.txt" 2>&1
 tail -3 "$OUT/pytest_cuda.txt"
-timeout 240 "$PY" benchmarks/bench_segmenters.py --device $DEV --repeats 20 > "$OUT/bench_cuda.txt" 2>&1
+[ -n "${NO_BENCH:-}" ] || timeout 240 "$PY" benchmarks/bench_segmenters.py --device $DEV --repeats 20 > "$OUT/bench_cuda.txt" 2>&1
 grep -v USDT "$OUT/bench_cuda.txt" | tail -12
 fi
 
@@ -82,7 +89,7 @@ p = convert(Path('$R/$r'), True, True, [])
 p.replace(Path('$R/$r/best.safetensors'))
 " >> "$R/$r.log" 2>&1
 done
-for r in seg_unet seg_emf seg_dinocnn seg_mim seg_mimpt dino_a dino_b dino_c; do
+for r in $JOBS; do
   grep -h '"event": "val"' "$R/$r/events.jsonl" 2>/dev/null | tail -2 | sed "s/^/$r /" | cut -c1-300
 done
 pack() { local name=$1; shift; tar -cf "$OUT/$name.tar" "$@" 2>/dev/null; }
@@ -95,4 +102,6 @@ pack dinocnn $(files seg_dinocnn)
 pack mim $(files seg_mim seg_mimpt) $(for f in events.jsonl config.json; do echo $R/pre_mim/$f; done)
 pack dino_ab $(files dino_a dino_b)
 pack dino_c $(files dino_c)
+pack unet3d $(files seg_unet3d)
+pack unet3d_w24 $(files seg_unet3d_w24)
 ls -la "$OUT"

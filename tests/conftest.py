@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _data_dir() -> Path:
     env = os.environ.get("MEDSSL_DATA_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    # absolute: tests symlink into it from temporary folders
+    return (Path(env) if env else REPO.parent / "shared" / "data").resolve()
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,9 @@ def test_3d_segmenters_and_mim_pretraining_on_cuda(msd):
 
 def test_dino_attention_and_loss_on_cuda_match_the_cpu(data_dir):
     torch.manual_seed(0)
-    model = create_model("dino_tiny", depth=2, out_dim=256, hidden_dim=128, bottleneck_dim=64, n_local_crops=2)
+    model = create_model(
+        "dino_tiny", depth=2, out_dim=256, hidden_dim=128, bottleneck_dim=64, n_local_crops=2
+    )
     model.eval()
     x = torch.rand(3, 1, 64, 64)
     maps_cpu = dino.attention_maps(model, x)

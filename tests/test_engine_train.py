@@ -284,7 +284,9 @@ def test_time_budget_ends_the_run_and_decays_the_learning_rate(msd, tmp_path, mo
     assert events[-1]["event"] == "done" and events[-1]["best_path"]
 
     # a resumed run counts the minutes already spent: with 2 minutes in all, about as many steps again
-    more = list(train(seg_config(msd, run, max_steps=10_000, val_every=1000, max_minutes=2.0, warmup_steps=1)))
+    more = list(
+        train(seg_config(msd, run, max_steps=10_000, val_every=1000, max_minutes=2.0, warmup_steps=1))
+    )
     resumed = [e["step"] for e in more if e["event"] == "step"]
     assert resumed and resumed[0] == steps[-1]["step"] + 1 and len(resumed) <= len(steps) + 2
     assert json.loads((run / "last.json").read_text())["elapsed_s"] >= 120.0

@@ -1,4 +1,4 @@
-"""The ``medssl`` command line: pretrain, finetune, evaluate, predict, and list models.
+"""The ``medssl`` command line: pretrain, finetune, evaluate, predict, ensemble, and list models.
 
 Every subcommand is a thin consumer of the library (:func:`napari_medssl.engine.train`,
 :func:`~napari_medssl.engine.evaluate.evaluate`, :mod:`napari_medssl.inference`). User errors (a bad value, a
@@ -216,6 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="segmenters: average with mirrored copies (test-time augmentation) along the axes the model "
         "was trained with random flips on; costs one extra pass per mirror",
     )
+
+    p = sub.add_parser(
+        "ensemble",
+        help="average several trained segmenters",
+        description="Build one model from several trained segmenters (2D and 3D mixed; same classes and "
+        "inputs) that averages their class probabilities, each member run as it was trained. The result "
+        "evaluates, predicts and opens in the viewer like any checkpoint. Example:\n"
+        "  medssl ensemble --model unet_tiny_hippocampus --model runs/mim/best.safetensors "
+        "--out runs/ensemble.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, action="append", metavar="NAME|CKPT", help="a member (repeat: two or more)"
+    )
+    p.add_argument(
+        "--weight", type=float, action="append", help="a member's weight, in order (default equal)"
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="the ensemble's .safetensors file")
+    p.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the size)")
 
     sub.add_parser(
         "zoo", help="list the zoo's trained models", description="List the models in the zoo folders."
@@ -446,6 +465,35 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """``ensemble``: several segmenters' checkpoints → one averaging model."""
+    from napari_medssl.engine.build import resolve_checkpoint
+    from napari_medssl.models.ensemble import from_checkpoints
+    from napari_medssl.models.registry import save_model
+
+    paths = []
+    for spec in args.model:
+        path = resolve_checkpoint(spec)
+        if path is None:
+            raise ValueError(
+                f"{spec!r} is an untrained architecture; ensembles are built from trained models"
+            )
+        paths.append(path)
+    if args.weight and len(args.weight) != len(paths):
+        raise ValueError(f"{len(args.weight)} --weight values for {len(paths)} members")
+    model = from_checkpoints(paths, args.weight)
+    if args.fp16:
+        model = model.half()
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must be a .safetensors file, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out, extra=model.checkpoint_extra)
+    size = out.stat().st_size / 1e6
+    print(f"{out}: {len(paths)} members, {model.num_classes} classes, {size:.1f} MB")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """``models``: registered architectures."""
     from napari_medssl.models import list_models
@@ -459,6 +507,7 @@ COMMANDS = {
     "finetune": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "ensemble": cmd_ensemble,
     "zoo": cmd_zoo,
     "models": cmd_models,
 }

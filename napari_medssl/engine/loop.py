@@ -268,7 +268,12 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
         aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
 
-        record: dict[str, Any] = {"best_value": None, "best_step": None, "best_metrics": None, "elapsed_s": 0.0}
+        record: dict[str, Any] = {
+            "best_value": None,
+            "best_step": None,
+            "best_metrics": None,
+            "elapsed_s": 0.0,
+        }
         step = 0
         last = self.folder.read_last() if cfg.resume else None
         if last is not None:

@@ -605,6 +605,20 @@ def _strip(key: str) -> str:
     return key
 
 
+def _adapt_input_channels(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """timm's ``adapt_input_conv`` for a patch-embedding weight of any input channel count (RGB checkpoints
+    work with every timm 1.x; other counts need the ``base_chans`` argument of newer timm)."""
+    if weight.shape[1] == 3:
+        return adapt_input_conv(in_chans, weight)
+    try:
+        return adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
+    except TypeError:
+        raise ValueError(
+            f"adapting a {weight.shape[1]}-channel checkpoint to {in_chans} channels needs a newer timm "
+            "(adapt_input_conv with base_chans): pip install -U timm"
+        ) from None
+
+
 def _adapt_pos_embed(pos: torch.Tensor, vit: VisionTransformer) -> torch.Tensor:
     """Checkpoint position table ``(1, [1 +] n², E)`` -> ours ``(1, 1 + gh·gw, E)``."""
     n = pos.shape[1]
@@ -670,7 +684,7 @@ def load_dino_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict[str,
                     f"{path}: checkpoint patch size {tuple(value.shape[-2:])} differs from the model's "
                     f"{tuple(ours[key].shape[-2:])}; build the model with patch_size={value.shape[-1]}"
                 )
-            value = adapt_input_conv(vit.in_chans, value.float(), base_chans=value.shape[1])
+            value = _adapt_input_channels(vit.in_chans, value.float())
             adapted.append(key)
         if value.shape != ours[key].shape:
             raise ValueError(

@@ -29,6 +29,7 @@ _FAMILY_MODULES = (
     "dino_cnn",
     "emf_former",
     "unet",
+    "ensemble",
 )
 _loaded = False
 
