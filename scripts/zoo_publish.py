@@ -65,12 +65,20 @@ LICENCE = {
 }
 
 
-def convert(run: Path, fp16: bool, dino_backbone: bool, drop: list[str]) -> Path:
-    """The file to publish: ``best.safetensors`` as is, or re-saved (fp16 / backbone only / config trimmed)."""
+def convert(
+    run: Path, fp16: bool, dino_backbone: bool, drop: list[str], class_names: list[str] | None = None
+) -> Path:
+    """The file to publish: ``best.safetensors`` as is, or re-saved (fp16 / backbone only / config trimmed /
+    class names set)."""
     src = run / "best.safetensors"
-    if not (fp16 or dino_backbone or drop):
+    if not (fp16 or dino_backbone or drop or class_names):
         return src
     state, config, extra = read_checkpoint(src)
+    if class_names:
+        k = extra.get("num_classes")
+        if k is not None and len(class_names) != int(k):
+            raise SystemExit(f"--class-names gives {len(class_names)} names for {k} classes")
+        extra = {**extra, "class_names": list(class_names)}
     name = config.pop("name")
     for key in drop:
         config.pop(key, None)
@@ -114,13 +122,15 @@ def main() -> None:
     p.add_argument("--note", action="append", default=[])
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--also-tta", action="store_true", help="also evaluate with --tta (segmenters)")
+    p.add_argument("--class-names", nargs="+", help="name the classes in the published weights (in order)")
     p.add_argument("--metrics-json", help="metrics for a model `medssl evaluate` cannot score (pretraining)")
     p.add_argument("--metrics-command", default="", help="how --metrics-json was measured")
     args = p.parse_args()
 
-    ckpt = convert(args.run, args.fp16, args.dino_backbone, args.drop_config)
+    ckpt = convert(args.run, args.fp16, args.dino_backbone, args.drop_config, args.class_names)
     split = json.loads((args.run / "split.json").read_text())
-    train_cfg = json.loads((args.run / "config.json").read_text())
+    cfg_path = args.run / "config.json"  # absent for a model that was not trained itself (an ensemble)
+    train_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
     split_entry = {
         "file": SPLIT_FILES[args.dataset],
         "seed": split.get("seed"),
@@ -129,13 +139,14 @@ def main() -> None:
         "n_val": len(split["val"]),
         "val_ids": split["val"],
     }
-    more = {
-        "split": split_entry,
-        "training": {
-            k: train_cfg[k] for k in ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "device")
-        },
-        "notes": args.note,
-    }
+    training = None
+    if train_cfg is not None:
+        keys = ("max_steps", "max_minutes", "batch_size", "lr", "warmup_steps", "seed", "device")
+        training = {k: train_cfg[k] for k in keys if train_cfg.get(k) is not None}
+        last = args.run / "last.json"
+        if last.is_file():  # the steps the run did (a time-bound run stops before max_steps)
+            training["steps_done"] = json.loads(last.read_text())["step"]
+    more = {"split": split_entry, "training": training, "notes": args.note}
     common = dict(
         description=args.description,
         command=args.command,
