@@ -36,7 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def choose_model(cards: dict[str, dict[str, Any]], spatial_dims: int, hint: str) -> str | None:
     """A zoo model for the opened image: names mentioning ``hint`` (the data) first, then a segmenter for a
-    volume or a classifier for a 2D image, then the best validation metric; ``None`` when the zoo is empty."""
+    volume or a classifier for a 2D image, then one that can be fine-tuned (not an ensemble: the Fine-tune dock
+    trains the Model dock's model), then the best validation metric; ``None`` when the zoo is empty."""
     if not cards:
         return None
     want = "segment" if spatial_dims == 3 else "classify"
@@ -48,9 +49,10 @@ def choose_model(cards: dict[str, dict[str, Any]], spatial_dims: int, hint: str)
                 return float(metrics[key])
         return 0.0
 
-    def rank(name: str) -> tuple[bool, bool, float, str]:
+    def rank(name: str) -> tuple[bool, bool, bool, float, str]:
         card = cards[name]
-        return (hint.lower() not in name.lower(), card.get("task") != want, -score(card), name)
+        ensemble = (card.get("architecture") or {}).get("name") == "ensemble_mean"
+        return (hint.lower() not in name.lower(), card.get("task") != want, ensemble, -score(card), name)
 
     return sorted(cards, key=rank)[0]
 

@@ -317,6 +317,34 @@ def test_finetune_stop_autosave_and_restore(make_napari_viewer, qtbot, data_dir,
     assert tuple(restored.translate) == (1.0, 1.0, 1.0)
 
 
+def test_zoo_ensemble_segments_in_the_model_dock_and_is_not_fine_tuned(
+    make_napari_viewer, qtbot, data_dir, test_output, errors
+):
+    """The shipped ensemble (2D U-Net + MiM + 3D U-Net) on a real volume: the same labels as the library, the
+    class names from its card; the Fine-tune dock says to fine-tune a member instead and starts nothing."""
+    viewer = make_napari_viewer(show=True)
+    image = open_file(viewer, data_dir / "hippocampus" / "imagesTr" / "hippocampus_003.nii.gz")[0]
+    mw, ow, fw = docks(viewer)
+    add_docks(viewer, mw, ow, fw)
+    mw.select("ensemble_tiny_hippocampus", device="cpu")
+    assert "anterior" in mw.card_label.text()
+    mw.scope_combo.setCurrentText("whole volume")
+    mw.run()
+    qtbot.waitUntil(lambda: mw._worker is None, timeout=120_000)
+    seg = viewer.layers[f"{image.name} segmentation"]
+    img = np.asarray(image.data)
+    expected = inference.segment(mw.model(), img)
+    assert np.array_equal(seg.data, expected) and set(np.unique(expected)) == {0, 1, 2}
+    assert seg.metadata["medssl"]["class_names"] == ["background", "anterior", "posterior"]
+    viewer.dims.set_current_step(0, img.shape[0] // 2)
+    shot(viewer, qtbot, test_output, "model_ensemble_segment")
+    assert "not fine-tuned" in fw.help_label.text()
+    fw.image_combo.setCurrentText(image.name)
+    fw.new_labels_layer()
+    assert fw.start() is None and fw.proc is None
+    assert any("not fine-tuned" in e for e in errors)
+
+
 def test_launch_opens_docks_image_and_zoo_model_and_closing_stops_training(
     qtbot, data_dir, ckpts, tmp_path, monkeypatch, test_output
 ):
@@ -347,10 +375,16 @@ def test_launch_opens_docks_image_and_zoo_model_and_closing_stops_training(
         widgets = {name.split(" (")[0]: w for name, w in viewer.window.dock_widgets.items()}
         assert set(widgets) == {"Model", "Attention & masking", "Fine-tune"}
         mw, fw = widgets["Model"], widgets["Fine-tune"]
-        chosen = mw.source()  # the best hippocampus segmenter in the zoo (ours, or a trained one in models/)
+        # the best hippocampus segmenter in the zoo that can be fine-tuned (ours, or a trained one in models/;
+        # not the ensemble, which the Fine-tune dock does not train)
+        chosen = mw.source()
         cards = {n: zoo.card(n) for n in zoo.list_zoo()}
         assert "hippocampus" in chosen and cards[chosen]["task"] == "segment"
-        dice_of = {n: c["metrics"].get("mean_dice", 0) for n, c in cards.items() if "hippocampus" in n}
+        dice_of = {
+            n: c["metrics"].get("mean_dice", 0)
+            for n, c in cards.items()
+            if "hippocampus" in n and c["architecture"]["name"] != "ensemble_mean"
+        }
         assert cards[chosen]["metrics"]["mean_dice"] == max(dice_of.values())
         assert cards[chosen]["data"]["name"] in mw.card_label.text() and "mean_dice" in mw.card_label.text()
         image = viewer.layers[mw.image_combo.currentText()]

@@ -51,6 +51,12 @@ VAL_METRICS = ("mean_dice", "auc", "accuracy", "val_loss")
 MIN_HELD_OUT = 4  # fewer annotated cases than this: validate on the annotations themselves
 
 
+ENSEMBLE_HELP = (
+    "An ensemble segments but is not fine-tuned itself: pick one of its members in the Model dock "
+    "(its card lists them), fine-tune that, then rebuild the ensemble (medssl ensemble)."
+)
+
+
 def model_facts(source: str) -> dict[str, Any]:
     """Task, spatial dims, classes and input size of a zoo model or checkpoint (loaded on the CPU)."""
     from napari_medssl import zoo
@@ -63,6 +69,7 @@ def model_facts(source: str) -> dict[str, Any]:
         "num_classes": int(getattr(model, "num_classes", 0) or 0),
         "class_names": class_names(model, getattr(model, "card", None) or {}),
         "input_size": getattr(model, "input_size", None),
+        "ensemble": bool(getattr(model, "is_ensemble", False)),
     }
 
 
@@ -271,7 +278,9 @@ class FinetuneWidget(QWidget):
             self.help_label.setText(f"cannot read the model: {err}")
             return
         names = facts["class_names"]
-        if facts["task"] == "segment":
+        if facts["ensemble"]:
+            self.help_label.setText(ENSEMBLE_HELP)
+        elif facts["task"] == "segment":
             mapping = ", ".join(f"{i + 1} = {n}" for i, n in enumerate(names))
             self.help_label.setText(f"Paint a Labels layer on any slices. 0 = unlabelled; {mapping}.")
         elif facts["task"] == "classify":
@@ -349,6 +358,8 @@ class FinetuneWidget(QWidget):
             if choice is None:
                 raise ValueError("no model: pick a zoo model or a checkpoint in the Model dock")
             facts = model_facts(choice.source)
+            if facts["ensemble"]:
+                raise ValueError(ENSEMBLE_HELP)
             samples = self.gather(facts)
             self.autosave_now()
             n = len(samples["images"])
