@@ -9,6 +9,8 @@ published zoo model's validation split and re-write the card with those metrics 
 ``--also-tta`` (segmenters) runs it a second time with ``--tta`` (mirroring test-time augmentation) and adds
 those as ``metrics_tta`` with their own ``metrics_tta_command``.
 
+``--rename-classes NAME CLASS...`` (alone) re-publishes a zoo model with its classes named, nothing else changed.
+
 Usage (from the checkout root)::
 
     python scripts/zoo_publish.py --run runs/unet_tiny_hippocampus --name unet_tiny_hippocampus \\
@@ -27,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 from napari_medssl import zoo  # noqa: E402
 from napari_medssl.models.registry import create_model, read_checkpoint, save_model  # noqa: E402
@@ -108,7 +112,32 @@ def convert(
     return out
 
 
+def rename_classes(name: str, class_names: list[str]) -> Path:
+    """Re-publish zoo model ``name`` with its classes named (same weights, same metrics: names change no
+    number); the card keeps every other field."""
+    import tempfile
+
+    card = dict(zoo.card(name))
+    src = zoo.weights_path(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        (run / "best.safetensors").symlink_to(src.resolve())
+        state, config, extra = read_checkpoint(src)
+        fp16 = any(v.dtype == torch.float16 for v in state.values())
+        ckpt = convert(run, fp16, False, [], class_names)
+        for key in ("name", "architecture", "task", "classes", "weights", "folder"):
+            card.pop(key, None)
+        fields = {
+            k: card.pop(k)
+            for k in ("description", "command", "metrics", "metrics_command", "data", "licence")
+        }
+        return zoo.publish(ckpt, name, **fields, **card)
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--rename-classes":  # --rename-classes NAME CLASS0 CLASS1 ...
+        print(rename_classes(sys.argv[2], sys.argv[3:]))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--name", required=True)
