@@ -345,6 +345,26 @@ def test_zoo_ensemble_segments_in_the_model_dock_and_is_not_fine_tuned(
     assert any("not fine-tuned" in e for e in errors)
 
 
+def test_shipped_dino_attends_to_the_breast_on_a_real_mammogram(
+    make_napari_viewer, qtbot, data_dir, test_output
+):
+    """The zoo's DINO (GPU-trained) in the Attention dock on mini-MIAS mdb005: one head covers the breast
+    (tissue lift well above 1, i.e. on tissue rather than background), as models/README.md reports."""
+    viewer = make_napari_viewer(show=True)
+    open_file(viewer, data_dir / "mammography_mias" / "mdb005.png")
+    ow = OverlayWidget(viewer)
+    add_docks(viewer, ow, names=("Attention & masking",))
+    ow.select("dino_tiny_medical")
+    assert ow.method_combo.currentText() == "DINO attention"
+    ow.show_overlays()
+    qtbot.waitUntil(lambda: ow._worker is None, timeout=60_000)
+    heads = [ly for ly in ow.last_layers if ly.name.startswith("attention head")]
+    assert len(heads) == 3
+    lift = heads[0].metadata["medssl"]["tissue_lift"]
+    assert max(lift) > 1.5 and min(lift) < 1.0, lift  # a tissue head and a background/marker head
+    shot(viewer, qtbot, test_output, "overlay_dino_zoo_mammogram")
+
+
 def test_launch_opens_docks_image_and_zoo_model_and_closing_stops_training(
     qtbot, data_dir, ckpts, tmp_path, monkeypatch, test_output
 ):
