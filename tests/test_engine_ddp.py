@@ -44,6 +44,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, result_dir: s
         data=data,
         out_dir=out,
         max_steps=3,
+        max_minutes=30.0,  # a time budget too: every rank takes rank 0's progress (broadcast each step)
         batch_size=2,
         val_every=3,
         warmup_steps=1,
@@ -84,7 +85,7 @@ def test_two_process_ddp_gives_identical_weights(data_dir, tmp_path):
     for k in saved:
         assert torch.equal(saved[k], a[k]), k
     init = read_checkpoint(tmp_path / "run/best.safetensors")[2]
-    assert init["train_config"]["max_steps"] == 3
+    assert init["train_config"]["max_steps"] == 3 and init["train_config"]["max_minutes"] == 30.0
 
 
 @pytest.mark.slow
