@@ -6,7 +6,13 @@
 # Prepare here first (the machine gets the checkout only, 64 MiB in all):
 #   python scripts/device_bundle.py          # .devdata/: hippocampus, shrunk mini-MIAS and TCIA copies
 #   pip download nibabel pydicom wheels into .whl/ (the GPU image lacks them; see /work/.library/device)
+#   the zoo's weights and the data do not both fit in 64 MiB: for the call, untrack the weights the jobs do not
+#   read (git rm --cached models/*/model.safetensors except dino_tiny_medical's, listed in .git/info/exclude),
+#   and restore them after (git reset; drop the exclude lines)
 # then run there:  bash scripts/device_train.sh   (MIN=7 by default: minutes per training run)
+# The two calls of 2026-11-27:  MIN=7 bash scripts/device_train.sh
+#   MIN=3.2 SLACK=30 JOBS="seg_unet3d seg_unet3d_w24" NO_BENCH=1 \
+#     TESTS="tests/test_cuda.py tests/test_dino.py tests/test_engine_train.py" bash scripts/device_train.sh
 #
 # Jobs (one process each, one GPU shared):
 #   seg_{unet,emf,dinocnn,mim}: the four hippocampus segmenters, same split, same MIN-minute budget
