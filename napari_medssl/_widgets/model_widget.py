@@ -164,9 +164,6 @@ class ModelWidget(QWidget):
         self.last_result: Any = None
 
         self.picker = ModelPicker()
-        self.model_combo = self.picker.combo  # the picker's parts, under the dock's old attribute names
-        self.path_edit = self.picker.path_edit
-        self.browse_btn = self.picker.browse_btn
         self.card_label = QLabel()
         self.card_label.setWordWrap(True)
         self.card_label.setTextFormat(Qt.TextFormat.RichText)

@@ -121,8 +121,6 @@ class OverlayWidget(QWidget):
             browse=False,
             empty_error="no model chosen: pick a zoo model, the Model dock's model or a checkpoint file",
         )
-        self.model_combo = self.picker.combo  # the picker's parts, under the dock's old attribute names
-        self.path_edit = self.picker.path_edit
         self.method_combo = QComboBox()
         self.method_combo.addItems(METHODS)
         self.image_combo = LayerCombo(napari_viewer, Image)
