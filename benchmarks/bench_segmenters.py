@@ -77,10 +77,10 @@ def peak_alloc_bytes(fn) -> int:
     return peak
 
 
-def measure(name: str, spatial_dims: int, x: torch.Tensor, repeats: int) -> dict:
-    """Parameters, FLOPs, latency and peak memory of one model on one input."""
+def measure(name: str, spatial_dims: int, x: torch.Tensor, repeats: int, **kw) -> dict:
+    """Parameters, FLOPs, latency and peak memory of one model on one input (``kw``: model options)."""
     torch.manual_seed(0)
-    model = create_model(name, spatial_dims=spatial_dims) if spatial_dims else create_model(name)
+    model = create_model(name, spatial_dims=spatial_dims, **kw) if spatial_dims else create_model(name, **kw)
     model.to(DEVICE)
     x = x.to(DEVICE)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -147,6 +147,30 @@ def cost_table(size: str, repeats: int) -> None:
                 f"latency {r['ms'] / u['ms']:.3f}"
             )
     recompute_cost(slice_2d, volume, repeats)
+
+
+def zoo_3d_table(repeats: int) -> None:
+    """The zoo's 3D recipe: EMF-former tiny (3D) vs the 3-level 3D U-Net of ``unet_tiny_3d_hippocampus``, on a
+    whole volume (batch 1, inference as in the viewer) and on one training batch (8 crops of 40×56×40)."""
+    image, _ = load_case(0)
+    inputs = {
+        "volume 35×51×35": torch.from_numpy(image)[None, None],
+        "8 crops 40×56×40": torch.from_numpy(np.resize(image, (8, 1, 40, 56, 40)).astype(np.float32)),
+    }
+    print("\n| model (3D) | input | params | GFLOPs | ms | inference peak MiB | train-step peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for label, x in inputs.items():
+        u = measure("unet_tiny", 3, x, repeats, levels=3)
+        e = measure("emfformer_tiny", 3, x, repeats)
+        for name, r in (("unet_tiny, 3 levels", u), ("emfformer_tiny", e)):
+            print(
+                f"| {name} | {label} | {r['params'] / 1e6:.2f} M | {r['gflops']:.2f} | {r['ms']:.0f} | "
+                f"{r['infer_mb']:.2f} | {r['train_mb']:.2f} |"
+            )
+        print(
+            f"emfformer_tiny 3D / 3-level U-Net on {label}: FLOPs {e['gflops'] / u['gflops']:.3f}, inference peak "
+            f"{e['infer_mb'] / u['infer_mb']:.3f}, train-step peak {e['train_mb'] / u['train_mb']:.3f}"
+        )
 
 
 def recompute_cost(slice_2d: torch.Tensor, volume: torch.Tensor, repeats: int) -> None:
@@ -247,6 +271,9 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1 keeps a shared machine sane)"
     )
     parser.add_argument(
+        "--zoo-3d", action="store_true", help="only the zoo's 3D recipe: EMF-former vs the 3-level 3D U-Net"
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda (cost table only; the Dice race runs on the CPU)"
     )
     args = parser.parse_args()
@@ -257,6 +284,9 @@ def main() -> None:
         torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
     )
     print(f"torch {torch.__version__}, {where}")
+    if args.zoo_3d:
+        zoo_3d_table(args.repeats)
+        return
     cost_table(args.size, args.repeats)
     if args.dice_steps:
         dice_race(args.size, args.dice_steps)
