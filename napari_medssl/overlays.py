@@ -281,7 +281,7 @@ def dino_overlays(
     """
     import torch
 
-    from napari_medssl.models.dino import attention_maps
+    from napari_medssl.models.dino import attention_grid, shape_attention
     from napari_medssl.models.vit import mass_threshold_masks
 
     _check_plane(plane)
@@ -292,12 +292,13 @@ def dino_overlays(
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     x = model_input(plane.data, model, device)
-    with torch.no_grad():
-        maps = attention_maps(model, x)[0]  # (H, y, x) in [0, 1], at the model's input size
-        raw = attention_maps(model, x, upsample=False, normalize=False)  # (1, H, gh, gw)
-        masks = mass_threshold_masks(raw, threshold)[0]  # (H, gh, gw)
+    with torch.no_grad():  # one forward pass; the three views of it below
+        raw, pixels = attention_grid(model, x)  # (1, H, gh, gw) softmax weights
+    size = tuple(x.shape[-2:])
+    maps = shape_attention(raw, pixels, size)[0]  # (H, y, x) in [0, 1], at the model's input size
+    masks = mass_threshold_masks(raw, threshold)[0]  # (H, gh, gw)
     shape = plane.data.shape
-    raw_px = attention_maps(model, x, normalize=False)[0].numpy()  # (H, y, x) softmax weights per pixel
+    raw_px = shape_attention(raw, pixels, size, normalize=False)[0].numpy()  # (H, y, x) weights per pixel
     lift = tissue_lift(raw_px, x[0, 0].float().cpu().numpy())
     maps = resize_to(maps, shape, nearest=True)
     masks = _grid_to_plane(masks, vit.patch_size, tuple(x.shape[-2:]), shape, nearest=True)

@@ -527,6 +527,13 @@ def attention_maps(
     Returns:
         ``(B, H, Y, X)`` (or ``(B, H, gh, gw)``) float32 maps, computed in eval mode at O(N) cost.
     """
+    attn, pixels = attention_grid(model, x)
+    return shape_attention(attn, pixels, tuple(x.shape[-2:]), upsample, normalize)
+
+
+def attention_grid(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The raw per-head [CLS] attention on the patch grid, ``(B, H, gh, gw)`` softmax weights, and how many
+    input pixels one patch covers along each side (one forward pass; see :func:`attention_maps`)."""
     vit = getattr(model, "backbone", model)
     if not hasattr(vit, "cls_attention"):
         raise ValueError(
@@ -540,14 +547,21 @@ def attention_maps(
         attn = vit.cls_attention(seen).float()  # (B, H, gh, gw)
     finally:
         vit.train(was_training)
+    return attn, vit.patch_size * max(1, round(x.shape[-1] / seen.shape[-1]))
+
+
+def shape_attention(
+    attn: torch.Tensor, pixels: int, size: tuple[int, int], upsample: bool = True, normalize: bool = True
+) -> torch.Tensor:
+    """:func:`attention_grid`'s output as :func:`attention_maps` returns it: min-max normalised per head and/or
+    repeated over the ``pixels × pixels`` each patch covers, cropped to ``size`` ``(Y, X)``."""
     if normalize:
         lo = attn.amin(dim=(-2, -1), keepdim=True)
         hi = attn.amax(dim=(-2, -1), keepdim=True)
         attn = (attn - lo) / (hi - lo).clamp_min(1e-12)
     if upsample:
-        p = vit.patch_size * max(1, round(x.shape[-1] / seen.shape[-1]))
-        attn = attn.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)
-        attn = attn[..., : x.shape[-2], : x.shape[-1]]
+        attn = attn.repeat_interleave(pixels, dim=-2).repeat_interleave(pixels, dim=-1)
+        attn = attn[..., : size[0], : size[1]]
     return attn
 
 
