@@ -49,9 +49,11 @@ def choose_model(cards: dict[str, dict[str, Any]], spatial_dims: int, hint: str)
                 return float(metrics[key])
         return 0.0
 
+    from napari_medssl.models.ensemble import NAME as ENSEMBLE
+
     def rank(name: str) -> tuple[bool, bool, bool, float, str]:
         card = cards[name]
-        ensemble = (card.get("architecture") or {}).get("name") == "ensemble_mean"
+        ensemble = (card.get("architecture") or {}).get("name") == ENSEMBLE
         return (hint.lower() not in name.lower(), card.get("task") != want, ensemble, -score(card), name)
 
     return sorted(cards, key=rank)[0]

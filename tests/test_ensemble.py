@@ -120,7 +120,7 @@ def test_bad_ensembles_are_refused_clearly(members, tmp_path):
         from_checkpoints([members[0], tmp_path / "ens.safetensors"])
     with pytest.raises(ValueError, match="weights"):
         from_checkpoints(members[:2], weights=[1.0])
-    with pytest.raises(ValueError, match="not trained itself"):
+    with pytest.raises(ValueError, match="not trained or fine-tuned itself"):
         next(train(_finetune_config(tmp_path / "ens.safetensors", tmp_path)))
 
 

@@ -338,11 +338,11 @@ def test_zoo_ensemble_segments_in_the_model_dock_and_is_not_fine_tuned(
     assert seg.metadata["medssl"]["class_names"] == ["background", "anterior", "posterior"]
     viewer.dims.set_current_step(0, img.shape[0] // 2)
     shot(viewer, qtbot, test_output, "model_ensemble_segment")
-    assert "not fine-tuned" in fw.help_label.text()
+    assert "not trained or fine-tuned itself" in fw.help_label.text()
     fw.image_combo.setCurrentText(image.name)
     fw.new_labels_layer()
     assert fw.start() is None and fw.proc is None
-    assert any("not fine-tuned" in e for e in errors)
+    assert any("not trained or fine-tuned itself" in e for e in errors)
 
 
 def test_shipped_dino_attends_to_the_breast_on_a_real_mammogram(

@@ -51,12 +51,6 @@ VAL_METRICS = ("mean_dice", "auc", "accuracy", "val_loss")
 MIN_HELD_OUT = 4  # fewer annotated cases than this: validate on the annotations themselves
 
 
-ENSEMBLE_HELP = (
-    "An ensemble segments but is not fine-tuned itself: pick one of its members in the Model dock "
-    "(its card lists them), fine-tune that, then rebuild the ensemble (medssl ensemble)."
-)
-
-
 def model_facts(source: str) -> dict[str, Any]:
     """Task, spatial dims, classes and input size of a zoo model or checkpoint (loaded on the CPU)."""
     from napari_medssl import zoo
@@ -278,8 +272,10 @@ class FinetuneWidget(QWidget):
             self.help_label.setText(f"cannot read the model: {err}")
             return
         names = facts["class_names"]
+        from napari_medssl.models.ensemble import NOT_TRAINED
+
         if facts["ensemble"]:
-            self.help_label.setText(ENSEMBLE_HELP)
+            self.help_label.setText(NOT_TRAINED[0].upper() + NOT_TRAINED[1:] + ".")
         elif facts["task"] == "segment":
             mapping = ", ".join(f"{i + 1} = {n}" for i, n in enumerate(names))
             self.help_label.setText(f"Paint a Labels layer on any slices. 0 = unlabelled; {mapping}.")
@@ -359,7 +355,9 @@ class FinetuneWidget(QWidget):
                 raise ValueError("no model: pick a zoo model or a checkpoint in the Model dock")
             facts = model_facts(choice.source)
             if facts["ensemble"]:
-                raise ValueError(ENSEMBLE_HELP)
+                from napari_medssl.models.ensemble import NOT_TRAINED
+
+                raise ValueError(NOT_TRAINED)
             samples = self.gather(facts)
             self.autosave_now()
             n = len(samples["images"])

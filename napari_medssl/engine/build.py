@@ -81,10 +81,10 @@ def build_model(
             )
         name = config.pop("name")
         kwargs = {**config, **overrides}
-    if name == "ensemble_mean":
-        raise ValueError(
-            "an ensemble is not trained itself: fine-tune one of its members, then rebuild it (medssl ensemble)"
-        )
+    from napari_medssl.models import ensemble
+
+    if name == ensemble.NAME:
+        raise ValueError(ensemble.NOT_TRAINED)
     if task != "pretrain" and num_classes:
         kwargs["num_classes"] = num_classes
     try:

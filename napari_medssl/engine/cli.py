@@ -471,6 +471,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from napari_medssl.models.ensemble import from_checkpoints
     from napari_medssl.models.registry import save_model
 
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must be a .safetensors file, got {out}")
     paths = []
     for spec in args.model:
         path = resolve_checkpoint(spec)
@@ -484,9 +487,6 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     model = from_checkpoints(paths, args.weight)
     if args.fp16:
         model = model.half()
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must be a .safetensors file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out, extra=model.checkpoint_extra)
     size = out.stat().st_size / 1e6

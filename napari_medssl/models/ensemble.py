@@ -25,6 +25,12 @@ from torch import nn
 
 from napari_medssl.models.registry import create_model, register_model
 
+NAME = "ensemble_mean"  # the registered builder: checkpoints and cards name an ensemble by it
+NOT_TRAINED = (
+    "an ensemble segments but is not trained or fine-tuned itself: fine-tune one of its members (its card "
+    "lists them), then rebuild the ensemble (medssl ensemble)"
+)
+
 # what each member keeps of its checkpoint's extra metadata: what inference needs to run it as trained
 MEMBER_KEYS = ("sample_size", "slice_axis", "train_config", "class_names", "split_val", "data", "metrics")
 
@@ -132,13 +138,13 @@ def from_checkpoints(
         state, config, extra = read_checkpoint(path)
         if "name" not in config:
             raise ValueError(f"{path}: no model config in the checkpoint metadata")
-        if config["name"] == "ensemble_mean":
+        if config["name"] == NAME:
             raise ValueError(f"{path} is an ensemble itself; list its members instead")
         configs.append(config)
         extras.append({k: extra[k] for k in MEMBER_KEYS if k in extra})
         states.append(state)
     model = create_model(
-        "ensemble_mean",
+        NAME,
         members=configs,
         member_extra=extras,
         **({"weights": list(weights)} if weights else {}),
