@@ -157,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(p)
     p.add_argument("--num-classes", type=int, default=0, help="classes (default: from the data)")
     p.add_argument("--ignore-index", type=int, help="label value meaning unlabelled (painted labels: 0)")
+    g = p.add_argument_group("knowledge distillation")
+    g.add_argument(
+        "--teacher",
+        metavar="NAME|CKPT",
+        help="a trained model (same task, classes and dims) whose soft outputs the student also learns from",
+    )
+    g.add_argument(
+        "--distill-weight", type=float, default=1.0, help="weight of the KL term to the teacher (default 1)"
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=1.0,
+        help="softmax temperature of the KL term (default 1)",
+    )
 
     p = sub.add_parser(
         "evaluate",
@@ -295,6 +310,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_overrides=_overrides(args.set),
         best_metric=args.best_metric,
         resume=not args.no_resume,
+        teacher=getattr(args, "teacher", None),
+        distill_weight=getattr(args, "distill_weight", 1.0),
+        distill_temperature=getattr(args, "distill_temperature", 1.0),
     )
     show = _rank0()
     bar = None

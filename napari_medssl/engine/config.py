@@ -60,6 +60,14 @@ class TrainConfig:
             segmentation, ``auc`` for classification, ``val_loss`` for pretraining).
         resume: continue from ``out_dir/last.json`` when it exists.
         amp: bf16 autocast on CUDA.
+        teacher: knowledge distillation (Hinton et al. 2015): a trained model of the same task, classes,
+            channels and spatial dims (a checkpoint, a zoo name or a run folder; an ensemble works when its
+            members take the student's inputs). It sees every augmented training batch (no gradients, eval
+            mode, never saved with the student) and the loss gains ``distill_weight · T² · KL(teacher ‖
+            student)`` over the labelled voxels (images), at temperature ``T = distill_temperature``. The
+            student is the same model at the same size: only its training signal changes.
+        distill_weight: weight of the distillation term (the hard-label loss keeps weight 1).
+        distill_temperature: softmax temperature ``T`` of both sides of the KL term.
     """
 
     model: str
@@ -92,6 +100,9 @@ class TrainConfig:
     best_metric: str | None = None
     resume: bool = True
     amp: bool = True
+    teacher: str | None = None
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -101,6 +112,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes!r}")
+        if not self.distill_weight >= 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight!r}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature!r}")
+        if self.teacher is not None and self.task == "pretrain":
+            raise ValueError(
+                "a teacher distils a classifier or a segmenter; pretraining has its own objective"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -33,7 +33,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from napari_medssl.engine import distributed as dist_utils
 from napari_medssl.engine.augment import IGNORE, augment_batch
-from napari_medssl.engine.build import build_model, count_params, param_groups, resolve_checkpoint
+from napari_medssl.engine.build import (
+    build_model,
+    check_task,
+    count_params,
+    param_groups,
+    resolve_checkpoint,
+)
 from napari_medssl.engine.checkpoint import RunFolder
 from napari_medssl.engine.config import TrainConfig
 from napari_medssl.engine.data import DataSource, open_data
@@ -81,12 +87,24 @@ class LossModule(nn.Module):
 
     Segmentation: cross-entropy + soft Dice over foreground classes (ignored voxels left out).
     Classification: (class-weighted) cross-entropy. Pretraining: ``model.pretrain_loss(x, y)``.
+    With a ``teacher`` (classify/segment): plus ``distill_weight`` × :func:`distill_loss` towards its logits.
     """
 
-    def __init__(self, model: nn.Module, task: str, class_weights: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        class_weights: torch.Tensor | None = None,
+        teacher: nn.Module | None = None,
+        distill_weight: float = 1.0,
+        distill_temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         self.model, self.task = model, task
         self.register_buffer("class_weights", class_weights, persistent=False)
+        # a tuple, not a submodule: the teacher is not trained, not saved and not synchronised by DDP
+        self._teacher = () if teacher is None else (teacher,)
+        self.distill_weight, self.distill_temperature = float(distill_weight), float(distill_temperature)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.task == "pretrain":
@@ -94,8 +112,35 @@ class LossModule(nn.Module):
             return self.model.pretrain_loss(x, y if labelled else None)["loss"]
         logits = self.model(x).float()
         if self.task == "classify":
-            return F.cross_entropy(logits, y, weight=self.class_weights, ignore_index=IGNORE)
-        return F.cross_entropy(logits, y, ignore_index=IGNORE) + soft_dice_loss(logits, y)
+            loss = F.cross_entropy(logits, y, weight=self.class_weights, ignore_index=IGNORE)
+        else:
+            loss = F.cross_entropy(logits, y, ignore_index=IGNORE) + soft_dice_loss(logits, y)
+        if self._teacher and self.distill_weight > 0:
+            teacher = self._teacher[0]
+            with torch.no_grad():
+                target = teacher(x).float()
+            if target.shape != logits.shape:
+                raise ValueError(
+                    f"the teacher's output {tuple(target.shape)} does not match the student's "
+                    f"{tuple(logits.shape)}; it needs the same classes and output size"
+                )
+            loss = loss + self.distill_weight * distill_loss(logits, target, y, self.distill_temperature)
+        return loss
+
+
+def distill_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per voxel (image), averaged over those ``y`` does not ignore.
+
+    ``logits``/``teacher_logits`` are ``(B, K, *S)`` (or ``(B, K)``), ``y`` is ``(B, *S)`` (``(B,)``) with -100
+    ignored; the ``T²`` keeps the gradient's size independent of ``T`` (Hinton et al. 2015).
+    """
+    log_s = F.log_softmax(logits / temperature, dim=1)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(1)  # (B, *S)
+    valid = (y != IGNORE).to(kl.dtype)
+    return (kl * valid).sum() / valid.sum().clamp(min=1) * temperature**2
 
 
 def soft_dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -229,11 +274,47 @@ class Trainer:
             if owns_pg:
                 dist_utils.cleanup()
 
+    def _build_teacher(self, student: nn.Module, dims: int, chans: int) -> nn.Module:
+        """The frozen, eval-mode teacher of ``config.teacher`` on the training device, checked against the student.
+
+        Raises:
+            ValueError: not a trained checkpoint, or another task, class count, channel count or dimensionality.
+        """
+        from napari_medssl.models.registry import load_model
+
+        spec = str(self.config.teacher)
+        path = resolve_checkpoint(spec)
+        if path is None:
+            raise ValueError(
+                f"teacher {spec!r} is an untrained architecture; give a checkpoint or a zoo model"
+            )
+        teacher = load_model(path, map_location=self.device).eval().requires_grad_(False)
+        name = f"teacher {spec}"
+        check_task(teacher, self.config.task, name)
+        mine = {
+            "classes": self.num_classes,
+            "input channels": chans,
+            "spatial dims": dims,
+        }
+        theirs = {
+            "classes": getattr(teacher, "num_classes", self.num_classes),
+            "input channels": getattr(teacher, "in_chans", chans),
+            "spatial dims": int(getattr(teacher, "spatial_dims", 2)),
+        }
+        if self.config.task == "classify":
+            del mine["spatial dims"], theirs["spatial dims"]
+        for what, value in mine.items():
+            if int(theirs[what]) != int(value):
+                raise ValueError(f"{name} has {theirs[what]} {what}, the student {value}; they must match")
+        return teacher
+
     def _run(self) -> Iterator[dict[str, Any]]:
         cfg = self.config
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self.device = dist_utils.local_device(pick_device(cfg.device))
         resolve_checkpoint(cfg.model)  # a bad model name fails before any data are read
+        if cfg.teacher:
+            resolve_checkpoint(cfg.teacher)
         torch.manual_seed(cfg.seed)
         self._setup_data()
         in_chans = int(self.train_cases[0].load()[0].shape[0])
@@ -263,7 +344,10 @@ class Trainer:
             counts = self.train_set.class_counts(self.num_classes)
             w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
             class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
-        loss_module = LossModule(model, cfg.task, class_weights).to(self.device)
+        teacher = self._build_teacher(model, dims, chans) if cfg.teacher else None
+        loss_module = LossModule(
+            model, cfg.task, class_weights, teacher, cfg.distill_weight, cfg.distill_temperature
+        ).to(self.device)
         wrapped = dist_utils.wrap(loss_module, self.device)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
         aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
