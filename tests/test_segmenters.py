@@ -73,6 +73,21 @@ def test_padding_is_cropped_back_exactly(name):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_emfformer_full_resolution_head_runs_on_the_input_extent_with_the_padded_grids_numbers(dims):
+    """The full-resolution maps cover the input plus one voxel, not the grid padded to 16, and change nothing."""
+    model = _build("emfformer_tiny", dims).eval()
+    shape = (35, 51, 35)[-dims:]
+    x = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(4))
+    seen = []
+    model.head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape[2:])))
+    with torch.no_grad():
+        a = model(x)
+        b = model(torch.nn.functional.pad(x, [p for s in reversed(shape) for p in (0, -s % 16)]))
+    assert seen == [tuple(s + 1 for s in shape), tuple(s + (-s % 16) for s in shape)]
+    torch.testing.assert_close(a, b[(..., *(slice(0, s) for s in shape))], rtol=0, atol=0)
+
+
 def test_real_hippocampus_volume_and_slices(data_dir):
     path = sorted((data_dir / "hippocampus" / "imagesTr").glob("*.nii.gz"))[1]
     volume = normalize_intensity(

@@ -26,7 +26,8 @@ exists at 1/2 or full resolution, which is where a U-Net spends its memory. The 
 the decoder open: they are chosen here and are constructor parameters. Convolutions are 2D or 3D
 (``spatial_dims``), so the 3D variant is the same code (its depthwise convs run channels-last, PyTorch's fast
 CPU path for them). Inputs of any size are padded to a multiple of the total stride (16 ``tiny``, 32 otherwise)
-and the logits are cropped back.
+and the logits are cropped back; the full-resolution head runs on the input's own extent (plus the one voxel its
+``3×3`` conv reads), not on the padded grid, with the same numbers.
 
 Sizes (``K = 3``, one input channel; FLOPs by ``FlopCounterMode``, one forward pass at batch 1 on a hippocampus
 slice ``35×51`` (2D) or volume ``35×51×35`` (3D)):
@@ -245,6 +246,10 @@ class EMFFormer(nn.Module):
         mlp_ratio: FFN hidden size / ``E``.
         decoder_dim: ``D``, the decoder's width at 1/4.
         detail_dim: the decoder's width at 1/2 (joined with the stem's features there).
+        full_dim: width of the full-resolution head: ``0`` is a depthwise ``3×3`` + pointwise conv on the
+            upsampled logits and the image (``K + C`` channels); ``F > 0`` is a dense ``3×3`` conv to ``F``
+            channels, GELU, then a pointwise conv to ``K`` (more capacity at the boundaries, ``2F`` maps at full
+            resolution in training).
         norm: norm of the convolutional parts (``"batch"``, ``"instance"``, ``"group"``).
         recompute_ffn: recompute each block's Mix-FFN hidden maps in backward instead of storing them (see
             :class:`EMFBlock`); training-time memory only, the weights and outputs are the same.
@@ -265,6 +270,7 @@ class EMFFormer(nn.Module):
         mlp_ratio: float = 2.0,
         decoder_dim: int = 32,
         detail_dim: int = 8,
+        full_dim: int = 0,
         norm: str = "batch",
         recompute_ffn: bool = True,
     ) -> None:
@@ -306,9 +312,14 @@ class EMFFormer(nn.Module):
         self.refine = DSPConv(detail_dim, detail_dim, 1, spatial_dims, groups=1, norm=norm)
         self.head_half = conv(detail_dim, num_classes, 1)
         joined = num_classes + in_chans
-        self.head = nn.Sequential(
-            conv(joined, joined, 3, padding=1, groups=joined), conv(joined, num_classes, 1)
-        )
+        if full_dim > 0:
+            self.head = nn.Sequential(
+                conv(joined, full_dim, 3, padding=1), nn.GELU(), conv(full_dim, num_classes, 1)
+            )
+        else:
+            self.head = nn.Sequential(
+                conv(joined, joined, 3, padding=1, groups=joined), conv(joined, num_classes, 1)
+            )
         self.apply(self._init_weights)
         if spatial_dims == 3:  # oneDNN's fast depthwise Conv3d wants channels-last weights and inputs
             for m in self.modules():
@@ -355,10 +366,26 @@ class EMFFormer(nn.Module):
         y = sum(self._up(lat(f), quarter) for lat, f in zip(self.lateral, feats))  # (B, D, *S/4)
         y = self.reduce(self.fuse(y))  # (B, detail, *S/4)
         y = self.refine(self._up(y, half.shape[2:]) + self.stem_skip(half))  # (B, detail, *S/2)
-        y = self._up(self.head_half(y), x.shape[2:])  # (B, K, *S)
-        # full-resolution refinement that also sees the image
-        y = y + self.head(channels_last(torch.cat([y, x], dim=1)))
-        return crop_spatial(y, spatial)
+        return crop_spatial(self._full_resolution(self.head_half(y), x, spatial), spatial)
+
+    def _full_resolution(self, y: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+        """Half-resolution logits ``y`` → ×2 → refined with the image ``x`` (padded), over the input's extent.
+
+        Only the input's own extent plus one voxel is computed at full resolution (the 3×3 head still sees the
+        neighbours it would see on the whole padded grid), and only the half-resolution voxels that the ×2
+        interpolation reads there are upsampled: the same numbers as on the padded grid, on up to half
+        (2D) or a third (3D) of its voxels for sizes just above a multiple of 16, the full-resolution maps
+        being the largest of the network.
+        """
+        keep = tuple(min(s + 1, p) for s, p in zip(spatial, x.shape[2:]))
+        # output j reads half-resolution voxels floor(j/2 - 1/4) and one more: ceil(keep/2) + 1 of them suffice
+        y = crop_spatial(y, tuple(min(-(-k // 2) + 1, h) for k, h in zip(keep, y.shape[2:])))
+        mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
+        y = crop_spatial(
+            F.interpolate(y, scale_factor=2, mode=mode, align_corners=False), keep
+        )  # (B, K, *keep)
+        x = crop_spatial(x, keep)
+        return y + self.head(channels_last(torch.cat([y, x], dim=1)))
 
 
 _SIZES = {
