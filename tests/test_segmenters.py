@@ -14,6 +14,7 @@ from napari_medssl.models.emf_former import (
     SerialMultiHeadAttention,
     VectorAggregationAttention,
     channel_shuffle,
+    pixel_shuffle,
 )
 from napari_medssl.transforms import normalize_intensity
 
@@ -74,8 +75,35 @@ def test_padding_is_cropped_back_exactly(name):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
+def test_emfformer_decoder_options_subpixel_and_dense_head(dims):
+    """The sub-pixel term starts at zero (same logits as without it) and trains; the dense head trains too."""
+    shape = (1, 1, *(35, 51, 35)[-dims:])
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(5))
+    sub = _build("emfformer_tiny", dims, subpixel=True, full_dim=4).eval()
+    plain = _build("emfformer_tiny", dims, full_dim=4).eval()
+    plain.load_state_dict({k: v for k, v in sub.state_dict().items() if not k.startswith("head_sub")})
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x), plain(x))
+    sub.train()
+    sub(x).square().mean().backward()
+    assert sub.head_sub.weight.grad.abs().sum() > 0 and sub.head[0].weight.grad.abs().sum() > 0
+    assert sub.head[0].out_channels == 4 and sub.head_sub.out_channels == 3 * 2**dims
+
+
+def test_pixel_shuffle_puts_channel_j_at_sub_voxel_j():
+    for dims in (2, 3):
+        k, n = 2, 2**dims
+        x = torch.arange(k * n, dtype=torch.float32).view(1, k * n, *([1] * dims)).repeat(1, 1, *([3] * dims))
+        y = pixel_shuffle(x, dims)
+        assert y.shape == (1, k, *([6] * dims))
+        for cls in range(k):  # the first 2×…×2 block of class cls holds its channels in row-major order
+            block = y[0, cls][(slice(0, 2),) * dims].flatten()
+            assert block.tolist() == list(range(cls * n, (cls + 1) * n))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
 def test_emfformer_full_resolution_head_runs_on_the_input_extent_with_the_padded_grids_numbers(dims):
-    """The full-resolution maps cover the input plus one voxel, not the grid padded to 16, and change nothing."""
+    """The full-resolution maps cover the input plus one voxel, not the grid padded to 16: same logits (to rounding)."""
     model = _build("emfformer_tiny", dims).eval()
     shape = (35, 51, 35)[-dims:]
     x = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(4))
@@ -85,7 +113,7 @@ def test_emfformer_full_resolution_head_runs_on_the_input_extent_with_the_padded
         a = model(x)
         b = model(torch.nn.functional.pad(x, [p for s in reversed(shape) for p in (0, -s % 16)]))
     assert seen == [tuple(s + 1 for s in shape), tuple(s + (-s % 16) for s in shape)]
-    torch.testing.assert_close(a, b[(..., *(slice(0, s) for s in shape))], rtol=0, atol=0)
+    torch.testing.assert_close(a, b[(..., *(slice(0, s) for s in shape))], rtol=1e-5, atol=1e-5)
 
 
 def test_real_hippocampus_volume_and_slices(data_dir):

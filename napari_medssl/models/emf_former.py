@@ -27,7 +27,7 @@ the decoder open: they are chosen here and are constructor parameters. Convoluti
 (``spatial_dims``), so the 3D variant is the same code (its depthwise convs run channels-last, PyTorch's fast
 CPU path for them). Inputs of any size are padded to a multiple of the total stride (16 ``tiny``, 32 otherwise)
 and the logits are cropped back; the full-resolution head runs on the input's own extent (plus the one voxel its
-``3×3`` conv reads), not on the padded grid, with the same numbers.
+``3×3`` conv reads), not on the padded grid, with the same numbers (to float rounding).
 
 Sizes (``K = 3``, one input channel; FLOPs by ``FlopCounterMode``, one forward pass at batch 1 on a hippocampus
 slice ``35×51`` (2D) or volume ``35×51×35`` (3D)):
@@ -66,6 +66,7 @@ __all__ = [
     "SerialMultiHeadAttention",
     "VectorAggregationAttention",
     "channel_shuffle",
+    "pixel_shuffle",
     "emfformer_base",
     "emfformer_small",
     "emfformer_tiny",
@@ -83,6 +84,15 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
         return x
     b, c = x.shape[:2]
     return x.reshape(b, groups, c // groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
+
+
+def pixel_shuffle(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """``(B, K·2^d, *S)`` → ``(B, K, *2S)``: channel ``k·2^d + j`` becomes sub-voxel ``j`` (row-major) of class ``k``."""
+    if spatial_dims == 2:
+        return F.pixel_shuffle(x, 2)
+    b, c, z, h, w = x.shape
+    x = x.reshape(b, c // 8, 2, 2, 2, z, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c // 8, 2 * z, 2 * h, 2 * w)
 
 
 class DSPConv(nn.Module):
@@ -250,6 +260,11 @@ class EMFFormer(nn.Module):
             upsampled logits and the image (``K + C`` channels); ``F > 0`` is a dense ``3×3`` conv to ``F``
             channels, GELU, then a pointwise conv to ``K`` (more capacity at the boundaries, ``2F`` maps at full
             resolution in training).
+        subpixel: add a learned sub-pixel term to the ×2 upsampling of the half-resolution logits: a pointwise
+            conv to ``K·2^dims`` channels at 1/2, rearranged to full resolution (pixel shuffle), so each
+            full-resolution voxel gets its own read-out of the 1/2-scale features instead of only an
+            interpolation of its neighbours' logits. Starts at zero (the model starts as without it); costs
+            ``K`` maps' worth at 1/2 and at full resolution.
         norm: norm of the convolutional parts (``"batch"``, ``"instance"``, ``"group"``).
         recompute_ffn: recompute each block's Mix-FFN hidden maps in backward instead of storing them (see
             :class:`EMFBlock`); training-time memory only, the weights and outputs are the same.
@@ -271,6 +286,7 @@ class EMFFormer(nn.Module):
         decoder_dim: int = 32,
         detail_dim: int = 8,
         full_dim: int = 0,
+        subpixel: bool = False,
         norm: str = "batch",
         recompute_ffn: bool = True,
     ) -> None:
@@ -311,6 +327,7 @@ class EMFFormer(nn.Module):
         self.stem_skip = conv(half, detail_dim, 1)
         self.refine = DSPConv(detail_dim, detail_dim, 1, spatial_dims, groups=1, norm=norm)
         self.head_half = conv(detail_dim, num_classes, 1)
+        self.head_sub = conv(detail_dim, num_classes * 2**spatial_dims, 1) if subpixel else None
         joined = num_classes + in_chans
         if full_dim > 0:
             self.head = nn.Sequential(
@@ -321,6 +338,9 @@ class EMFFormer(nn.Module):
                 conv(joined, joined, 3, padding=1, groups=joined), conv(joined, num_classes, 1)
             )
         self.apply(self._init_weights)
+        if self.head_sub is not None:  # the sub-pixel term starts at zero
+            nn.init.zeros_(self.head_sub.weight)
+            nn.init.zeros_(self.head_sub.bias)
         if spatial_dims == 3:  # oneDNN's fast depthwise Conv3d wants channels-last weights and inputs
             for m in self.modules():
                 if isinstance(m, nn.Conv3d) and m.groups == m.in_channels > 1:
@@ -366,26 +386,27 @@ class EMFFormer(nn.Module):
         y = sum(self._up(lat(f), quarter) for lat, f in zip(self.lateral, feats))  # (B, D, *S/4)
         y = self.reduce(self.fuse(y))  # (B, detail, *S/4)
         y = self.refine(self._up(y, half.shape[2:]) + self.stem_skip(half))  # (B, detail, *S/2)
-        return crop_spatial(self._full_resolution(self.head_half(y), x, spatial), spatial)
+        return crop_spatial(self._full_resolution(y, x, spatial), spatial)
 
     def _full_resolution(self, y: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-        """Half-resolution logits ``y`` → ×2 → refined with the image ``x`` (padded), over the input's extent.
+        """Half-resolution features ``y`` → logits → ×2 → refined with the image ``x`` (padded), over the input.
 
         Only the input's own extent plus one voxel is computed at full resolution (the 3×3 head still sees the
         neighbours it would see on the whole padded grid), and only the half-resolution voxels that the ×2
-        interpolation reads there are upsampled: the same numbers as on the padded grid, on up to half
-        (2D) or a third (3D) of its voxels for sizes just above a multiple of 16, the full-resolution maps
-        being the largest of the network.
+        interpolation reads there are used: the same numbers as on the padded grid (to float rounding), on up
+        to half (2D) or a third (3D) of its voxels for sizes just above a multiple of 16, the full-resolution
+        maps being the largest of the network.
         """
         keep = tuple(min(s + 1, p) for s, p in zip(spatial, x.shape[2:]))
         # output j reads half-resolution voxels floor(j/2 - 1/4) and one more: ceil(keep/2) + 1 of them suffice
         y = crop_spatial(y, tuple(min(-(-k // 2) + 1, h) for k, h in zip(keep, y.shape[2:])))
         mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
-        y = crop_spatial(
-            F.interpolate(y, scale_factor=2, mode=mode, align_corners=False), keep
-        )  # (B, K, *keep)
+        logits = F.interpolate(self.head_half(y), scale_factor=2, mode=mode, align_corners=False)
+        logits = crop_spatial(logits, keep)  # (B, K, *keep)
+        if self.head_sub is not None:
+            logits = logits + crop_spatial(pixel_shuffle(self.head_sub(y), self.spatial_dims), keep)
         x = crop_spatial(x, keep)
-        return y + self.head(channels_last(torch.cat([y, x], dim=1)))
+        return logits + self.head(channels_last(torch.cat([logits, x], dim=1)))
 
 
 _SIZES = {
