@@ -287,13 +287,20 @@ def test_dinocnn_uses_the_overlay_attention_maps_of_a_frozen_backbone(tmp_path):
         create_model("dinocnn_tiny", dino_checkpoint=str(tmp_path / "missing.safetensors"))
 
 
-def test_emfformer_recomputed_ffn_same_gradients_less_saved_memory():
-    """``recompute_ffn`` (the default) gives the same outputs and gradients and keeps fewer bytes for backward."""
+# stage 0's Mix-FFN alone stores three (B, 2E, N) hidden maps (E = 32, N = 12×16); the head stores at least the
+# joined logits + image and its depthwise output, (B, K + C, 36, 52) each, over the input's extent
+RECOMPUTED = {"recompute_ffn": 3 * 2 * 64 * 12 * 16 * 4, "recompute_head": 2 * 2 * 4 * 36 * 52 * 4}
+
+
+@pytest.mark.parametrize("flag", sorted(RECOMPUTED))
+def test_emfformer_recomputation_same_gradients_less_saved_memory(flag):
+    """``recompute_ffn``/``recompute_head`` (defaults) give the same outputs and gradients, keep fewer bytes."""
     x = torch.rand(2, 1, 35, 51)
     models, grads, saved = [], [], []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = _build("emfformer_tiny", 2, recompute_ffn=recompute).train()
+        model = _build("emfformer_tiny", 2, subpixel=True, **{flag: recompute}).train()
+        torch.nn.init.normal_(model.head_sub.weight, std=0.1)  # a trained-looking sub-pixel term
         xr = x.clone().requires_grad_()
         model(xr).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()] + [xr.grad])
@@ -301,8 +308,7 @@ def test_emfformer_recomputed_ffn_same_gradients_less_saved_memory():
         models.append(model)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # stage 0's Mix-FFN alone stores three (B, 2E, N) hidden maps without recomputation (E = 32, N = 12×16)
-    assert saved[0] - saved[1] >= 3 * 2 * 64 * 12 * 16 * 4
+    assert saved[0] - saved[1] >= RECOMPUTED[flag], (saved, RECOMPUTED[flag])
     models[1].eval()
     with torch.no_grad():
         torch.testing.assert_close(models[0].eval()(x), models[1](x))

@@ -268,6 +268,9 @@ class EMFFormer(nn.Module):
         norm: norm of the convolutional parts (``"batch"``, ``"instance"``, ``"group"``).
         recompute_ffn: recompute each block's Mix-FFN hidden maps in backward instead of storing them (see
             :class:`EMFBlock`); training-time memory only, the weights and outputs are the same.
+        recompute_head: likewise for everything after the half-resolution features (logits, ×2, sub-pixel
+            term, full-resolution head; it has no norm layers, so recomputing it changes no statistics): the
+            full-resolution maps are not kept for backward, which is where a wider ``full_dim`` would cost.
     """
 
     task = "segment"
@@ -289,8 +292,10 @@ class EMFFormer(nn.Module):
         subpixel: bool = False,
         norm: str = "batch",
         recompute_ffn: bool = True,
+        recompute_head: bool = True,
     ) -> None:
         super().__init__()
+        self.recompute_head = recompute_head
         self.spatial_dims = check_spatial_dims(spatial_dims)
         if in_chans < 1 or num_classes < 1:
             raise ValueError(f"in_chans and num_classes must be >= 1, got {in_chans} and {num_classes}")
@@ -386,6 +391,10 @@ class EMFFormer(nn.Module):
         y = sum(self._up(lat(f), quarter) for lat, f in zip(self.lateral, feats))  # (B, D, *S/4)
         y = self.reduce(self.fuse(y))  # (B, detail, *S/4)
         y = self.refine(self._up(y, half.shape[2:]) + self.stem_skip(half))  # (B, detail, *S/2)
+        if self.recompute_head and self.training and torch.is_grad_enabled():  # no norms in there: safe
+            return crop_spatial(
+                checkpoint(self._full_resolution, y, x, spatial, use_reentrant=False), spatial
+            )
         return crop_spatial(self._full_resolution(y, x, spatial), spatial)
 
     def _full_resolution(self, y: torch.Tensor, x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
