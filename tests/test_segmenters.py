@@ -76,17 +76,20 @@ def test_padding_is_cropped_back_exactly(name):
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_emfformer_decoder_options_subpixel_and_dense_head(dims):
-    """The sub-pixel term starts at zero (same logits as without it) and trains; the dense head trains too."""
+    """The sub-pixel term and the detail blocks start as no-ops (same logits as without them) and train; so
+    does the dense full-resolution head."""
     shape = (1, 1, *(35, 51, 35)[-dims:])
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(5))
-    sub = _build("emfformer_tiny", dims, subpixel=True, full_dim=4).eval()
+    sub = _build("emfformer_tiny", dims, subpixel=True, detail_blocks=2, full_dim=4).eval()
     plain = _build("emfformer_tiny", dims, full_dim=4).eval()
-    plain.load_state_dict({k: v for k, v in sub.state_dict().items() if not k.startswith("head_sub")})
+    new = ("head_sub", "detail_blocks")
+    plain.load_state_dict({k: v for k, v in sub.state_dict().items() if not k.startswith(new)})
     with torch.no_grad():
         torch.testing.assert_close(sub(x), plain(x))
     sub.train()
     sub(x).square().mean().backward()
     assert sub.head_sub.weight.grad.abs().sum() > 0 and sub.head[0].weight.grad.abs().sum() > 0
+    assert all(b.pw2.weight.grad.abs().sum() > 0 for b in sub.detail_blocks)
     assert sub.head[0].out_channels == 4 and sub.head_sub.out_channels == 3 * 2**dims
 
 
@@ -299,8 +302,9 @@ def test_emfformer_recomputation_same_gradients_less_saved_memory(flag):
     models, grads, saved = [], [], []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = _build("emfformer_tiny", 2, subpixel=True, **{flag: recompute}).train()
-        torch.nn.init.normal_(model.head_sub.weight, std=0.1)  # a trained-looking sub-pixel term
+        model = _build("emfformer_tiny", 2, subpixel=True, detail_blocks=1, **{flag: recompute}).train()
+        torch.nn.init.normal_(model.head_sub.weight, std=0.1)  # a trained-looking sub-pixel term and block
+        torch.nn.init.normal_(model.detail_blocks[0].pw2.weight, std=0.1)
         xr = x.clone().requires_grad_()
         model(xr).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()] + [xr.grad])

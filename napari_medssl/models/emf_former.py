@@ -62,6 +62,7 @@ from napari_medssl.models.registry import register_model
 
 __all__ = [
     "DSPConv",
+    "DetailBlock",
     "EMFFormer",
     "SerialMultiHeadAttention",
     "VectorAggregationAttention",
@@ -128,6 +129,28 @@ class DSPConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = channel_shuffle(self.norm1(self.depthwise(channels_last(x))), self.groups)
         return self.act(self.norm2(self.pointwise(x)))
+
+
+class DetailBlock(nn.Module):
+    """``x + pw₂(GELU(pw₁(GN(dw(x)))))``: a ConvNeXt-style residual block for the 1/2-resolution decoder.
+
+    Depthwise ``k``, one-group GroupNorm (no batch statistics, so it may be recomputed in backward), pointwise
+    expansion ×``r``, GELU, pointwise back; the last conv starts at zero, so the block starts as the identity.
+    """
+
+    def __init__(self, channels: int, spatial_dims: int, expand: int = 2, kernel: int = 3) -> None:
+        super().__init__()
+        conv = conv_nd(spatial_dims)
+        self.dw = conv(channels, channels, kernel, padding=kernel // 2, groups=channels)
+        self.norm = nn.GroupNorm(1, channels)
+        self.pw1 = conv(channels, channels * expand, 1)
+        self.act = nn.GELU()
+        self.pw2 = conv(channels * expand, channels, 1)
+        nn.init.zeros_(self.pw2.weight)
+        nn.init.zeros_(self.pw2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pw2(self.act(self.pw1(self.norm(self.dw(channels_last(x))))))
 
 
 class VectorAggregationAttention(nn.Module):
@@ -265,6 +288,9 @@ class EMFFormer(nn.Module):
             full-resolution voxel gets its own read-out of the 1/2-scale features instead of only an
             interpolation of its neighbours' logits. Starts at zero (the model starts as without it); costs
             ``K`` maps' worth at 1/2 and at full resolution.
+        detail_blocks: :class:`DetailBlock` s after the 1/2-resolution fusion (more capacity where the
+            boundaries are decided); recomputed in backward with ``recompute_head``, so they add one map each,
+            not their hidden maps, to what training keeps.
         norm: norm of the convolutional parts (``"batch"``, ``"instance"``, ``"group"``).
         recompute_ffn: recompute each block's Mix-FFN hidden maps in backward instead of storing them (see
             :class:`EMFBlock`); training-time memory only, the weights and outputs are the same.
@@ -290,6 +316,7 @@ class EMFFormer(nn.Module):
         detail_dim: int = 8,
         full_dim: int = 0,
         subpixel: bool = False,
+        detail_blocks: int = 0,
         norm: str = "batch",
         recompute_ffn: bool = True,
         recompute_head: bool = True,
@@ -331,6 +358,9 @@ class EMFFormer(nn.Module):
         self.reduce = conv(decoder_dim, detail_dim, 1)
         self.stem_skip = conv(half, detail_dim, 1)
         self.refine = DSPConv(detail_dim, detail_dim, 1, spatial_dims, groups=1, norm=norm)
+        self.detail_blocks = nn.ModuleList(
+            DetailBlock(detail_dim, spatial_dims) for _ in range(detail_blocks)
+        )
         self.head_half = conv(detail_dim, num_classes, 1)
         self.head_sub = conv(detail_dim, num_classes * 2**spatial_dims, 1) if subpixel else None
         joined = num_classes + in_chans
@@ -391,7 +421,10 @@ class EMFFormer(nn.Module):
         y = sum(self._up(lat(f), quarter) for lat, f in zip(self.lateral, feats))  # (B, D, *S/4)
         y = self.reduce(self.fuse(y))  # (B, detail, *S/4)
         y = self.refine(self._up(y, half.shape[2:]) + self.stem_skip(half))  # (B, detail, *S/2)
-        if self.recompute_head and self.training and torch.is_grad_enabled():  # no norms in there: safe
+        recompute = self.recompute_head and self.training and torch.is_grad_enabled()
+        for blk in self.detail_blocks:
+            y = checkpoint(blk, y, use_reentrant=False) if recompute else blk(y)
+        if recompute:  # no batch norms in there: recomputing changes no running statistics
             return crop_spatial(
                 checkpoint(self._full_resolution, y, x, spatial, use_reentrant=False), spatial
             )
