@@ -279,10 +279,6 @@ class EMFFormer(nn.Module):
         mlp_ratio: FFN hidden size / ``E``.
         decoder_dim: ``D``, the decoder's width at 1/4.
         detail_dim: the decoder's width at 1/2 (joined with the stem's features there).
-        full_dim: width of the full-resolution head: ``0`` is a depthwise ``3×3`` + pointwise conv on the
-            upsampled logits and the image (``K + C`` channels); ``F > 0`` is a dense ``3×3`` conv to ``F``
-            channels, GELU, then a pointwise conv to ``K`` (more capacity at the boundaries, ``2F`` maps at full
-            resolution in training).
         subpixel: add a learned sub-pixel term to the ×2 upsampling of the half-resolution logits: a pointwise
             conv to ``K·2^dims`` channels at 1/2, rearranged to full resolution (pixel shuffle), so each
             full-resolution voxel gets its own read-out of the 1/2-scale features instead of only an
@@ -296,7 +292,7 @@ class EMFFormer(nn.Module):
             :class:`EMFBlock`); training-time memory only, the weights and outputs are the same.
         recompute_head: likewise for everything after the half-resolution features (logits, ×2, sub-pixel
             term, full-resolution head; it has no norm layers, so recomputing it changes no statistics): the
-            full-resolution maps are not kept for backward, which is where a wider ``full_dim`` would cost.
+            full-resolution maps are not kept for backward.
     """
 
     task = "segment"
@@ -314,7 +310,6 @@ class EMFFormer(nn.Module):
         mlp_ratio: float = 2.0,
         decoder_dim: int = 32,
         detail_dim: int = 8,
-        full_dim: int = 0,
         subpixel: bool = False,
         detail_blocks: int = 0,
         norm: str = "batch",
@@ -364,14 +359,9 @@ class EMFFormer(nn.Module):
         self.head_half = conv(detail_dim, num_classes, 1)
         self.head_sub = conv(detail_dim, num_classes * 2**spatial_dims, 1) if subpixel else None
         joined = num_classes + in_chans
-        if full_dim > 0:
-            self.head = nn.Sequential(
-                conv(joined, full_dim, 3, padding=1), nn.GELU(), conv(full_dim, num_classes, 1)
-            )
-        else:
-            self.head = nn.Sequential(
-                conv(joined, joined, 3, padding=1, groups=joined), conv(joined, num_classes, 1)
-            )
+        self.head = nn.Sequential(
+            conv(joined, joined, 3, padding=1, groups=joined), conv(joined, num_classes, 1)
+        )
         self.apply(self._init_weights)
         if self.head_sub is not None:  # the sub-pixel term starts at zero
             nn.init.zeros_(self.head_sub.weight)
