@@ -90,7 +90,11 @@ def test_two_process_ddp_gives_identical_weights(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_cli_finetune(data_dir, tmp_path):
+    """``medssl finetune`` under torchrun, distilling from a teacher (each rank holds its own frozen copy)."""
+    from napari_medssl.models import create_model, save_model
+
     data = small_msd(data_dir, tmp_path / "msd", n=3)
+    teacher = save_model(create_model("unet_tiny", **TINY_UNET), tmp_path / "teacher.safetensors")
     cmd = [
         sys.executable,
         "-m",
@@ -121,6 +125,10 @@ def test_torchrun_cli_finetune(data_dir, tmp_path):
         "cpu",
         "--threads",
         "1",
+        "--teacher",
+        str(teacher),
+        "--distill-temperature",
+        "2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
@@ -128,3 +136,5 @@ def test_torchrun_cli_finetune(data_dir, tmp_path):
     assert proc.stdout.count("best checkpoint:") == 1  # rank 0 alone reports
     events = [json.loads(x) for x in (tmp_path / "run/events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "val"]
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["teacher"] == str(teacher) and config["distill_temperature"] == 2.0
