@@ -11,6 +11,9 @@ training volumes with the same recipe and reports the mean foreground Dice on 20
 ``--device cuda`` measures on the GPU instead: latency between CUDA synchronisations, peak memory from the CUDA
 caching allocator's counters (``max_memory_allocated`` above what was held before the pass).
 
+``--emf-set KEY=VALUE`` builds every EMF-former row with that option (the zoo model's decoder: ``--emf-set
+detail_dim=16``), as ``medssl finetune --set`` does.
+
 Run: ``.venv/bin/python benchmarks/bench_segmenters.py [--size tiny] [--dice-steps 600] [--device cuda]``
 (data: ``$MEDSSL_DATA_DIR/hippocampus``, default ``../shared/data``)
 """
@@ -38,6 +41,11 @@ DATA = (
     / "hippocampus"
 )
 DEVICE = torch.device("cpu")  # set by --device
+EMF_KW: dict = {}  # --emf-set: EMF-former options (the zoo model's decoder, e.g. detail_dim=16)
+
+
+def _emf_label(name: str) -> str:
+    return name + "".join(f", {k}={v}" for k, v in EMF_KW.items())
 
 
 def load_case(i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +135,9 @@ def cost_table(size: str, repeats: int) -> None:
             for dims in dims_list:
                 x = slice_2d if dims == 2 else volume
                 kwargs_dims = dims if family in ("unet", "emfformer") else 0
-                rows.append((name, dims, tuple(x.shape[2:]), measure(name, kwargs_dims, x, repeats)))
+                kw = EMF_KW if family == "emfformer" else {}
+                label = _emf_label(name) if family == "emfformer" else name
+                rows.append((label, dims, tuple(x.shape[2:]), measure(name, kwargs_dims, x, repeats, **kw)))
     print(
         f"\n| model | input | params | GFLOPs | {DEVICE.type.upper()} ms (median of {repeats}) | inference peak MiB | train-step peak MiB |"
     )
@@ -161,14 +171,14 @@ def zoo_3d_table(repeats: int) -> None:
     print("|---|---|---|---|---|---|---|")
     for label, x in inputs.items():
         u = measure("unet_tiny", 3, x, repeats, levels=3)
-        e = measure("emfformer_tiny", 3, x, repeats)
-        for name, r in (("unet_tiny, 3 levels", u), ("emfformer_tiny", e)):
+        e = measure("emfformer_tiny", 3, x, repeats, **EMF_KW)
+        for name, r in (("unet_tiny, 3 levels", u), (_emf_label("emfformer_tiny"), e)):
             print(
                 f"| {name} | {label} | {r['params'] / 1e6:.2f} M | {r['gflops']:.2f} | {r['ms']:.0f} | "
                 f"{r['infer_mb']:.2f} | {r['train_mb']:.2f} |"
             )
         print(
-            f"emfformer_tiny 3D / 3-level U-Net on {label}: FLOPs {e['gflops'] / u['gflops']:.3f}, inference peak "
+            f"{_emf_label('emfformer_tiny')} 3D / 3-level U-Net on {label}: FLOPs {e['gflops'] / u['gflops']:.3f}, inference peak "
             f"{e['infer_mb'] / u['infer_mb']:.3f}, train-step peak {e['train_mb'] / u['train_mb']:.3f}"
         )
 
@@ -181,7 +191,9 @@ def recompute_cost(slice_2d: torch.Tensor, volume: torch.Tensor, repeats: int) -
         for recompute in (False, True):
             torch.manual_seed(0)
             model = (
-                create_model("emfformer_tiny", spatial_dims=dims, recompute_ffn=recompute).train().to(DEVICE)
+                create_model("emfformer_tiny", spatial_dims=dims, recompute_ffn=recompute, **EMF_KW)
+                .train()
+                .to(DEVICE)
             )
             x = x.to(DEVICE)
 
@@ -220,7 +232,7 @@ def dice_race(size: str, steps: int, batch: int = 16) -> None:
     ys_t = torch.from_numpy(np.stack([padded(lb) for _, lb in slices]))  # (S, Y, X)
     for family in ("unet", "emfformer"):
         torch.manual_seed(0)
-        model = create_model(f"{family}_{size}")
+        model = create_model(f"{family}_{size}", **(EMF_KW if family == "emfformer" else {}))
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
         gen = torch.Generator().manual_seed(0)
@@ -276,9 +288,19 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="cpu or cuda (cost table only; the Dice race runs on the CPU)"
     )
+    parser.add_argument(
+        "--emf-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="EMF-former option for every EMF row, JSON value (the zoo model's: --emf-set detail_dim=16)",
+    )
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    from napari_medssl.engine.cli import _overrides
+
+    EMF_KW.update(_overrides(args.emf_set))
     torch.set_num_threads(args.threads)
     where = (
         torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
