@@ -218,6 +218,50 @@ def recompute_cost(slice_2d: torch.Tensor, volume: torch.Tensor, repeats: int) -
         )
 
 
+def train_step_time(repeats: int, teacher: str) -> None:
+    """The zoo's 2D training step (batch 16 of 64×48, CE + soft Dice, AdamW): U-Net tiny vs EMF-former tiny,
+    alone and with a distillation teacher's forward pass and KL term, the three steps alternating."""
+    from napari_medssl.engine.build import resolve_checkpoint
+    from napari_medssl.engine.loop import distill_loss, soft_dice_loss
+    from napari_medssl.models import load_model
+
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 64, 48), torch.randint(0, 3, (16, 64, 48))
+    unet, emf = create_model("unet_tiny").train(), create_model("emfformer_tiny", **EMF_KW).train()
+    frozen = load_model(resolve_checkpoint(teacher)).eval().requires_grad_(False)
+    optims = {id(m): torch.optim.AdamW(m.parameters()) for m in (unet, emf)}
+
+    def step(model: torch.nn.Module, distil: bool = False) -> None:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y) + soft_dice_loss(logits, y)
+        if distil:
+            with torch.no_grad():
+                target = frozen(x)
+            loss = loss + distill_loss(logits, target, y)
+        optims[id(model)].zero_grad()
+        loss.backward()
+        optims[id(model)].step()
+
+    steps = {
+        "unet_tiny": lambda: step(unet),
+        _emf_label("emfformer_tiny"): lambda: step(emf),
+        f"{_emf_label('emfformer_tiny')} + teacher {teacher}": lambda: step(emf, True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["unet_tiny"])
+    for name, ts in times.items():
+        print(
+            f"train step {name}: {1e3 * statistics.median(ts):.1f} ms ({statistics.median(ts) / base:.3f}x U-Net)"
+        )
+
+
 def dice_race(size: str, steps: int, batch: int = 16) -> None:
     """Train 2D ``unet`` and ``emfformer`` of one tier identically; mean foreground Dice on held-out volumes."""
     cases = [load_case(i) for i in range(60)]
@@ -295,6 +339,11 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="EMF-former option for every EMF row, JSON value (the zoo model's: --emf-set detail_dim=16)",
     )
+    parser.add_argument(
+        "--train-step",
+        metavar="TEACHER",
+        help="only time the zoo's 2D training step: U-Net vs EMF-former, alone and distilled from TEACHER",
+    )
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -308,6 +357,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}")
     if args.zoo_3d:
         zoo_3d_table(args.repeats)
+        return
+    if args.train_step:
+        train_step_time(args.repeats, args.train_step)
         return
     cost_table(args.size, args.repeats)
     if args.dice_steps:
