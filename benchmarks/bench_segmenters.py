@@ -220,7 +220,8 @@ def recompute_cost(slice_2d: torch.Tensor, volume: torch.Tensor, repeats: int) -
 
 def train_step_time(repeats: int, teacher: str) -> None:
     """The zoo's 2D training step (batch 16 of 64×48, CE + soft Dice, AdamW): U-Net tiny vs EMF-former tiny,
-    alone and with a distillation teacher's forward pass and KL term, the three steps alternating."""
+    alone and with a distillation teacher's forward pass and KL term, the three steps alternating; then each
+    step's peak allocator bytes (the teacher's forward included in the third)."""
     from napari_medssl.engine.build import resolve_checkpoint
     from napari_medssl.engine.loop import distill_loss, soft_dice_loss
     from napari_medssl.models import load_model
@@ -255,10 +256,12 @@ def train_step_time(repeats: int, teacher: str) -> None:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["unet_tiny"])
+    peaks = {name: peak_alloc_bytes(fn) / 2**20 for name, fn in steps.items()}
+    base, base_mb = statistics.median(times["unet_tiny"]), peaks["unet_tiny"]
     for name, ts in times.items():
         print(
-            f"train step {name}: {1e3 * statistics.median(ts):.1f} ms ({statistics.median(ts) / base:.3f}x U-Net)"
+            f"train step {name}: {1e3 * statistics.median(ts):.1f} ms ({statistics.median(ts) / base:.3f}x U-Net), "
+            f"peak {peaks[name]:.2f} MiB ({peaks[name] / base_mb:.3f}x)"
         )
 
 

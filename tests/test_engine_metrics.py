@@ -64,3 +64,30 @@ def test_classification_metrics_hand_checked():
     assert m["auc"] == pytest.approx(5 / 6)
     three = classification_metrics(np.eye(3)[[0, 1, 2, 2]], np.array([0, 1, 2, -100]))
     assert three["accuracy"] == 1.0 and three["auc"] == 1.0 and three["n_samples"] == 3
+
+
+def test_soft_dice_loss_matches_the_one_hot_formula_and_ignores_voxels():
+    import torch
+    import torch.nn.functional as F
+
+    from napari_medssl.engine.augment import IGNORE
+    from napari_medssl.engine.loop import soft_dice_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 5, requires_grad=True)
+    y = torch.randint(0, 3, (2, 6, 5))
+    y[0, :2] = IGNORE
+    valid = (y != IGNORE).unsqueeze(1)
+    probs = torch.softmax(logits, 1) * valid
+    onehot = F.one_hot(y.clamp(min=0), 3).movedim(-1, 1) * valid
+    inter, denom = (probs * onehot).sum((0, 2, 3))[1:], (probs + onehot).sum((0, 2, 3))[1:]
+    want = 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+    got = soft_dice_loss(logits, y)
+    torch.testing.assert_close(got, want)
+    (g1,) = torch.autograd.grad(got, logits)
+    (g2,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(g1, g2)
+    perfect = torch.full((1, 3, 2, 2), -9.0).index_fill(
+        1, torch.tensor([1]), 9.0
+    )  # sure of class 1 everywhere
+    assert soft_dice_loss(perfect, torch.ones(1, 2, 2, dtype=torch.long)).item() < 0.01

@@ -148,7 +148,8 @@ def soft_dice_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     k = logits.shape[1]
     valid = (y != IGNORE).unsqueeze(1)
     probs = torch.softmax(logits, 1) * valid
-    onehot = F.one_hot(y.clamp(min=0), k).movedim(-1, 1) * valid
+    # float one-hot built in place (F.one_hot would make an int64 (B, *S, K) tensor: twice the bytes, plus a copy)
+    onehot = torch.zeros_like(probs).scatter_(1, y.clamp(min=0).unsqueeze(1), 1.0) * valid
     dims = (0, *range(2, logits.ndim))
     inter = (probs * onehot).sum(dims)[1:]
     denom = (probs + onehot).sum(dims)[1:]
