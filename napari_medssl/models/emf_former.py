@@ -34,9 +34,12 @@ slice ``35×51`` (2D) or volume ``35×51×35`` (3D)):
 
 | name | dims | depths | 2D params | 2D FLOPs | 3D params | 3D FLOPs |
 |---|---|---|---|---|---|---|
-| ``emfformer_tiny`` | 32, 64, 128 | 1, 2, 2 | 0.25 M | 0.014 G | 0.27 M | 0.15 G |
-| ``emfformer_small`` | 48, 96, 192, 256 | 1, 2, 2, 2 | 1.31 M | 0.049 G | 1.36 M | 0.56 G |
-| ``emfformer_base`` | 64, 128, 320, 512 | 2, 2, 4, 2 | 5.39 M | 0.16 G | 5.50 M | 1.36 G |
+| ``emfformer_tiny`` | 32, 64, 128 | 1, 2, 2 | 0.25 M | 0.013 G | 0.27 M | 0.13 G |
+| ``emfformer_small`` | 48, 96, 192, 256 | 1, 2, 2, 2 | 1.31 M | 0.048 G | 1.36 M | 0.51 G |
+| ``emfformer_base`` | 64, 128, 320, 512 | 2, 2, 4, 2 | 5.39 M | 0.16 G | 5.50 M | 1.31 G |
+
+The zoo's ``emfformer_tiny_hippocampus`` adds ``detail_dim=12, subpixel=True, detail_blocks=2`` to the tiny
+size (0.016 G in 2D; ``benchmarks/bench_segmenters.py --emf-set``).
 
 Axis legend: B batch, C channels, Z Y X space, N tokens, E embedding (``d`` per head), H heads, K classes.
 """

@@ -1,0 +1,72 @@
+"""Where a hippocampus segmenter's errors are: foreground boundary or head/body labels (for ``models/README.md``).
+
+For each model, on the validation volumes of the shared split, per case then averaged: foreground IoU (both
+labels as one), the share of the true foreground missed and the extra foreground predicted (as fractions of the
+true foreground volume), and the share of the correctly found foreground given the wrong label (head ↔ body).
+
+Usage (checkout root): ``python scripts/seg_error_breakdown.py unet_tiny_hippocampus emfformer_tiny_hippocampus
+[--data ../shared/data/hippocampus] [--split models/splits/hippocampus_seed0.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from napari_medssl.engine.build import resolve_checkpoint  # noqa: E402
+from napari_medssl.engine.data import open_data  # noqa: E402
+from napari_medssl.engine.samples import SampleSet  # noqa: E402
+from napari_medssl.inference import segment_prepared  # noqa: E402
+from napari_medssl.models import load_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "models", nargs="+", help="zoo names or checkpoints (2D or 3D hippocampus segmenters)"
+    )
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
+    parser.add_argument("--split", default=str(ROOT / "models" / "splits" / "hippocampus_seed0.json"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    val = set(json.loads(Path(args.split).read_text())["val"])
+    cases = [c for c in open_data(args.data).cases() if c.id in val]
+    print(f"{len(cases)} validation volumes")
+    for spec in args.models:
+        model = load_model(resolve_checkpoint(spec)).eval()
+        dims = int(getattr(model, "spatial_dims", 2))
+        samples = SampleSet(cases, train=False, task="segment", model_dims=dims, in_chans=1, slice_axis=0)
+        rows = []
+        for i in range(len(cases)):
+            image, label = samples._get(i)
+            pred = (
+                segment_prepared(model, torch.from_numpy(image), torch.device("cpu"), 0, 16).argmax(0).numpy()
+            )
+            found, true = pred > 0, label > 0
+            both = found & true
+            rows.append(
+                (
+                    both.sum() / (found | true).sum(),
+                    (true & ~found).sum() / true.sum(),
+                    (found & ~true).sum() / true.sum(),
+                    (both & (pred != label)).sum() / max(both.sum(), 1),
+                )
+            )
+        fg, missed, extra, swapped = np.mean(rows, axis=0)
+        print(
+            f"{spec}: foreground IoU {fg:.3f}, missed {missed:.3f}, extra {extra:.3f} (of the true foreground), "
+            f"wrong label inside the overlap {swapped:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
