@@ -345,6 +345,33 @@ def test_zoo_ensemble_segments_in_the_model_dock_and_is_not_fine_tuned(
     assert any("not trained or fine-tuned itself" in e for e in errors)
 
 
+def test_zoo_emfformer_segments_a_real_volume_in_the_model_dock(
+    make_napari_viewer, qtbot, data_dir, test_output
+):
+    """The shipped EMF-former (distilled, with its own decoder options in the checkpoint) in the Model dock on a
+    validation volume: the library's labels, close to the ground truth."""
+    case = "hippocampus_001"  # a validation case of the zoo split
+    viewer = make_napari_viewer(show=True)
+    image = open_file(viewer, data_dir / "hippocampus" / "imagesTr" / f"{case}.nii.gz")[0]
+    truth_layer = open_file(viewer, data_dir / "hippocampus" / "labelsTr" / f"{case}.nii.gz")[0]
+    mw = ModelWidget(viewer)
+    add_docks(viewer, mw, names=("Model",))
+    mw.select("emfformer_tiny_hippocampus", device="cpu")
+    assert "anterior" in mw.card_label.text()
+    mw.scope_combo.setCurrentText("whole volume")
+    mw.run()
+    qtbot.waitUntil(lambda: mw._worker is None, timeout=120_000)
+    seg = viewer.layers[f"{image.name} segmentation"]
+    img = np.asarray(image.data)
+    assert np.array_equal(seg.data, inference.segment(mw.model(), img))
+    truth = np.asarray(truth_layer.data)
+    assert truth.shape == seg.data.shape
+    assert dice(seg.data, truth) > 0.8  # the card's mean Dice over the 40 validation volumes is 0.869
+    truth_layer.visible = False
+    viewer.dims.set_current_step(0, img.shape[0] // 2)
+    shot(viewer, qtbot, test_output, "model_emfformer_zoo_segment")
+
+
 def test_shipped_dino_attends_to_the_breast_on_a_real_mammogram(
     make_napari_viewer, qtbot, data_dir, test_output
 ):
