@@ -8,7 +8,7 @@ import helpers_engine
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_engine import TINY_UNET, one_thread, small_msd  # noqa: F401
+from helpers_engine import TINY_UNET, TINY_VIT, one_thread, small_mias, small_msd  # noqa: F401
 
 from napari_medssl.engine import TrainConfig, train
 from napari_medssl.engine.augment import IGNORE
@@ -111,3 +111,28 @@ def test_bad_teachers_are_refused_with_the_reason(msd, tmp_path):
         TrainConfig(model="mae_tiny", task="pretrain", teacher=str(two_classes))
     with pytest.raises(ValueError, match="distill_temperature"):
         helpers_engine.seg_config(msd, tmp_path / "f", teacher=str(two_classes), distill_temperature=0)
+
+
+def test_a_classifier_teacher_must_take_the_students_input_size(data_dir, tmp_path):
+    mias = small_mias(data_dir, tmp_path / "mias", n_women=4)
+    wide = create_model("vit_tiny", num_classes=2, **{**TINY_VIT, "img_size": 64})
+    teacher = save_model(wide, tmp_path / "vit64.safetensors")
+    cfg = TrainConfig(
+        model="vit_tiny",
+        task="classify",
+        data=str(mias),
+        out_dir=str(tmp_path / "run"),
+        max_steps=1,
+        batch_size=4,
+        val_every=1,
+        device="cpu",
+        model_overrides=dict(TINY_VIT),
+        teacher=str(teacher),
+    )
+    with pytest.raises(ValueError, match=r"takes inputs of size \(64, 64\), the student \(32, 32\)"):
+        next(train(cfg))
+    same = save_model(create_model("vit_tiny", num_classes=2, **TINY_VIT), tmp_path / "vit32.safetensors")
+    events = list(
+        train(TrainConfig(**{**cfg.__dict__, "teacher": str(same), "out_dir": str(tmp_path / "ok")}))
+    )
+    assert events[-1]["event"] == "done"

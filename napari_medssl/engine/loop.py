@@ -307,6 +307,11 @@ class Trainer:
         for what, value in mine.items():
             if int(theirs[what]) != int(value):
                 raise ValueError(f"{name} has {theirs[what]} {what}, the student {value}; they must match")
+        sizes = [getattr(m, "input_size", None) for m in (teacher, student)]
+        if any(sizes) and sizes[0] != sizes[1]:  # fixed-size models (ViTs) see the student's inputs
+            raise ValueError(
+                f"{name} takes inputs of size {sizes[0]}, the student {sizes[1]}; they must match"
+            )
         return teacher
 
     def _run(self) -> Iterator[dict[str, Any]]:
