@@ -223,7 +223,7 @@ def train_step_time(repeats: int, teacher: str) -> None:
     alone and with a distillation teacher's forward pass and KL term, the three steps alternating; then each
     step's peak allocator bytes (the teacher's forward included in the third)."""
     from napari_medssl.engine.build import resolve_checkpoint
-    from napari_medssl.engine.loop import distill_loss, soft_dice_loss
+    from napari_medssl.engine.loop import LossModule
     from napari_medssl.models import load_model
 
     torch.manual_seed(0)
@@ -233,12 +233,7 @@ def train_step_time(repeats: int, teacher: str) -> None:
     optims = {id(m): torch.optim.AdamW(m.parameters()) for m in (unet, emf)}
 
     def step(model: torch.nn.Module, distil: bool = False) -> None:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y) + soft_dice_loss(logits, y)
-        if distil:
-            with torch.no_grad():
-                target = frozen(x)
-            loss = loss + distill_loss(logits, target, y)
+        loss = LossModule(model, "segment", teacher=frozen if distil else None)(x, y)  # the engine's loss
         optims[id(model)].zero_grad()
         loss.backward()
         optims[id(model)].step()

@@ -98,6 +98,20 @@ def dice(pred: np.ndarray, truth: np.ndarray, classes=(1, 2)) -> float:
     return float(np.mean(scores))
 
 
+def segment_zoo_volume(viewer, qtbot, mw, model: str, image):
+    """Pick zoo ``model`` in the Model dock (its card names the hippocampus classes), run it on the whole
+    ``image`` volume; the segmentation layer, checked equal to the library's labels, and the image array."""
+    mw.select(model, device="cpu")
+    assert "anterior" in mw.card_label.text()
+    mw.scope_combo.setCurrentText("whole volume")
+    mw.run()
+    qtbot.waitUntil(lambda: mw._worker is None, timeout=120_000)
+    seg = viewer.layers[f"{image.name} segmentation"]
+    img = np.asarray(image.data)
+    assert np.array_equal(seg.data, inference.segment(mw.model(), img))
+    return seg, img
+
+
 def test_model_dock_segments_slice_and_volume_and_cancels(
     make_napari_viewer, qtbot, data_dir, ckpts, test_output, errors
 ):
@@ -326,15 +340,8 @@ def test_zoo_ensemble_segments_in_the_model_dock_and_is_not_fine_tuned(
     image = open_file(viewer, data_dir / "hippocampus" / "imagesTr" / "hippocampus_003.nii.gz")[0]
     mw, ow, fw = docks(viewer)
     add_docks(viewer, mw, ow, fw)
-    mw.select("ensemble_tiny_hippocampus", device="cpu")
-    assert "anterior" in mw.card_label.text()
-    mw.scope_combo.setCurrentText("whole volume")
-    mw.run()
-    qtbot.waitUntil(lambda: mw._worker is None, timeout=120_000)
-    seg = viewer.layers[f"{image.name} segmentation"]
-    img = np.asarray(image.data)
-    expected = inference.segment(mw.model(), img)
-    assert np.array_equal(seg.data, expected) and set(np.unique(expected)) == {0, 1, 2}
+    seg, img = segment_zoo_volume(viewer, qtbot, mw, "ensemble_tiny_hippocampus", image)
+    assert set(np.unique(seg.data)) == {0, 1, 2}
     assert seg.metadata["medssl"]["class_names"] == ["background", "anterior", "posterior"]
     viewer.dims.set_current_step(0, img.shape[0] // 2)
     shot(viewer, qtbot, test_output, "model_ensemble_segment")
@@ -356,14 +363,7 @@ def test_zoo_emfformer_segments_a_real_volume_in_the_model_dock(
     truth_layer = open_file(viewer, data_dir / "hippocampus" / "labelsTr" / f"{case}.nii.gz")[0]
     mw = ModelWidget(viewer)
     add_docks(viewer, mw, names=("Model",))
-    mw.select("emfformer_tiny_hippocampus", device="cpu")
-    assert "anterior" in mw.card_label.text()
-    mw.scope_combo.setCurrentText("whole volume")
-    mw.run()
-    qtbot.waitUntil(lambda: mw._worker is None, timeout=120_000)
-    seg = viewer.layers[f"{image.name} segmentation"]
-    img = np.asarray(image.data)
-    assert np.array_equal(seg.data, inference.segment(mw.model(), img))
+    seg, img = segment_zoo_volume(viewer, qtbot, mw, "emfformer_tiny_hippocampus", image)
     truth = np.asarray(truth_layer.data)
     assert truth.shape == seg.data.shape
     assert dice(seg.data, truth) > 0.8  # the card's mean Dice over the 40 validation volumes is 0.869

@@ -292,21 +292,15 @@ class Trainer:
         teacher = load_model(path, map_location=self.device).eval().requires_grad_(False)
         name = f"teacher {spec}"
         check_task(teacher, self.config.task, name)
-        mine = {
-            "classes": self.num_classes,
-            "input channels": chans,
-            "spatial dims": dims,
-        }
-        theirs = {
-            "classes": getattr(teacher, "num_classes", self.num_classes),
-            "input channels": getattr(teacher, "in_chans", chans),
-            "spatial dims": int(getattr(teacher, "spatial_dims", 2)),
-        }
-        if self.config.task == "classify":
-            del mine["spatial dims"], theirs["spatial dims"]
-        for what, value in mine.items():
-            if int(theirs[what]) != int(value):
-                raise ValueError(f"{name} has {theirs[what]} {what}, the student {value}; they must match")
+        checks = [  # (what, the teacher's, the student's)
+            ("classes", getattr(teacher, "num_classes", self.num_classes), self.num_classes),
+            ("input channels", getattr(teacher, "in_chans", chans), chans),
+        ]
+        if self.config.task == "segment":
+            checks.append(("spatial dims", getattr(teacher, "spatial_dims", 2), dims))
+        for what, theirs, mine in checks:
+            if int(theirs) != int(mine):
+                raise ValueError(f"{name} has {theirs} {what}, the student {mine}; they must match")
         sizes = [getattr(m, "input_size", None) for m in (teacher, student)]
         if any(sizes) and sizes[0] != sizes[1]:  # fixed-size models (ViTs) see the student's inputs
             raise ValueError(
