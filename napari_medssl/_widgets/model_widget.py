@@ -142,12 +142,19 @@ def run_model(
     if getattr(model, "task", None) == "classify":
         return inference.classify(model, image, **kw)
     if getattr(model, "task", None) == "segment":
-        axes = inference.training_flip_axes(model) if mirror else ()
-        return inference.segment(model, image, mirror=axes, **kw)
+        return inference.segment(model, image, mirror=mirror_axes(model) if mirror else (), **kw)
     raise ValueError(
         f"this model's task is {getattr(model, 'task', None)!r}: it has no classification or segmentation "
         "head. Fine-tune it first (Fine-tune dock), or pick a classifier or segmenter."
     )
+
+
+def mirror_axes(model: Any) -> tuple[int, ...]:
+    """The axes "Mirror TTA" mirrors for ``model``: those its training flipped; ``()`` for classifiers and for
+    segmenters trained without random flips (mirrored input is then unlike anything they saw)."""
+    from napari_medssl import inference
+
+    return inference.training_flip_axes(model) if getattr(model, "task", None) == "segment" else ()
 
 
 class ModelWidget(QWidget):
@@ -175,7 +182,9 @@ class ModelWidget(QWidget):
         self.tta_check = QCheckBox("Mirror TTA (segmenters)")
         self.tta_check.setToolTip(
             "Test-time augmentation: average the prediction with those of mirrored copies of the image, along "
-            "the axes the model was trained to flip. One extra pass per mirror; usually a little more accurate."
+            "the axes the model was trained to flip (none: nothing to mirror). One extra pass per mirror. It helps "
+            "only where a mirrored image is as natural as the original: on the shipped hippocampus models, whose "
+            "crops share one orientation, it lowers the scores (models/README.md)."
         )
         self.run_btn = QPushButton("Run")
         self.cancel_btn = QPushButton("Cancel")
@@ -274,6 +283,11 @@ class ModelWidget(QWidget):
                 raise ValueError("no image layer: open an image first")
             model = self.model()
             job = self._plan(model, layer)
+            job["no_mirror"] = (
+                self.tta_check.isChecked()
+                and getattr(model, "task", None) == "segment"
+                and not mirror_axes(model)
+            )
         except Exception as err:
             report_error(err, "Cannot run the model")
             return None
@@ -358,7 +372,8 @@ class ModelWidget(QWidget):
             self._show_probabilities(layer, job, out, names)
         else:
             self._show_labels(layer, job, out, names)
-        self.status_label.setText("done")
+        note = " (no mirror TTA: this model was trained without random flips)" if job.get("no_mirror") else ""
+        self.status_label.setText("done" + note)
 
     def _card(self) -> dict[str, Any]:
         src = self.source()
