@@ -76,9 +76,9 @@ def main() -> None:
         )
         case_dice[spec] = np.array(dices)
     first, *others = args.models
-    rng = np.random.default_rng(0)
     for spec in others:
         diff = case_dice[spec] - case_dice[first]
+        rng = np.random.default_rng(0)  # the same resamples for every comparison, whatever the order
         boot = diff[rng.integers(0, len(diff), (10_000, len(diff)))].mean(axis=1)
         low, high = np.percentile(boot, [2.5, 97.5])
         print(
