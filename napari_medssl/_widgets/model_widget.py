@@ -130,31 +130,23 @@ def run_model(
     device: str,
     progress_cb: Any,
     cancel: Any,
-    mirror: bool = False,
+    mirror: tuple[int, ...] = (),
 ) -> np.ndarray:
     """Probabilities (classifier) or labels (segmenter) for an image, plane or volume (worker thread).
 
-    ``mirror``: segmenters average with mirrored copies along the axes their training flipped (test-time
-    augmentation, see :mod:`napari_medssl.inference`)."""
+    ``mirror``: segmenters average with copies mirrored along these axes (test-time augmentation, see
+    :mod:`napari_medssl.inference`; the dock passes the axes the model's training flipped)."""
     from napari_medssl import inference
 
     kw = dict(device=device, rgb=rgb, progress=progress_cb, cancel=cancel)
     if getattr(model, "task", None) == "classify":
         return inference.classify(model, image, **kw)
     if getattr(model, "task", None) == "segment":
-        return inference.segment(model, image, mirror=mirror_axes(model) if mirror else (), **kw)
+        return inference.segment(model, image, mirror=mirror, **kw)
     raise ValueError(
         f"this model's task is {getattr(model, 'task', None)!r}: it has no classification or segmentation "
         "head. Fine-tune it first (Fine-tune dock), or pick a classifier or segmenter."
     )
-
-
-def mirror_axes(model: Any) -> tuple[int, ...]:
-    """The axes "Mirror TTA" mirrors for ``model``: those its training flipped; ``()`` for classifiers and for
-    segmenters trained without random flips (mirrored input is then unlike anything they saw)."""
-    from napari_medssl import inference
-
-    return inference.training_flip_axes(model) if getattr(model, "task", None) == "segment" else ()
 
 
 class ModelWidget(QWidget):
@@ -283,11 +275,12 @@ class ModelWidget(QWidget):
                 raise ValueError("no image layer: open an image first")
             model = self.model()
             job = self._plan(model, layer)
-            job["no_mirror"] = (
-                self.tta_check.isChecked()
-                and getattr(model, "task", None) == "segment"
-                and not mirror_axes(model)
-            )
+            from napari_medssl.inference import training_flip_axes
+
+            # Mirror TTA mirrors only what training flipped: nothing for a model trained without flips
+            tta = self.tta_check.isChecked() and getattr(model, "task", None) == "segment"
+            job["mirror"] = training_flip_axes(model) if tta else ()
+            job["no_mirror"] = tta and not job["mirror"]
         except Exception as err:
             report_error(err, "Cannot run the model")
             return None
@@ -306,7 +299,7 @@ class ModelWidget(QWidget):
             device,
             self._relay.progressed.emit,
             self._cancel,
-            self.tta_check.isChecked(),
+            job["mirror"],
         )
         worker.returned.connect(lambda out: self._on_returned(model, layer, job, out))
         worker.finished.connect(self._on_finished)
