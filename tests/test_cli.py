@@ -162,8 +162,12 @@ def test_finetune_evaluate_predict_segmentation(data_dir, tmp_path, capsys):
         "3e-3",
         "--device",
         "cpu",
+        "--ema",
+        "0.9",
     )
     assert code == 0 and "best checkpoint:" in out
+    assert json.loads((run / "config.json").read_text())["ema_decay"] == 0.9
+    assert (run / json.loads((run / "last.json").read_text())["ema"]).is_file()
     metrics_path = tmp_path / "metrics.json"
     code, _, _ = run_cli(
         capsys,

@@ -13,6 +13,7 @@ from helpers_engine import TINY_MAE, TINY_UNET, TINY_VIT, one_thread, small_mias
 
 from napari_medssl.engine import ArrayData, MSDFolder, TrainConfig, Trainer, read_events, train
 from napari_medssl.engine.checkpoint import RunFolder
+from napari_medssl.engine.evaluate import evaluate_cases
 from napari_medssl.models import load_model, read_checkpoint
 
 
@@ -295,3 +296,71 @@ def test_time_budget_ends_the_run_and_decays_the_learning_rate(msd, tmp_path, mo
 def test_time_budget_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="max_minutes"):
         TrainConfig(model="unet_tiny", max_minutes=0)
+
+
+def _expected_ema(snapshots: list[dict[str, torch.Tensor]], cap: float) -> dict[str, torch.Tensor]:
+    """The moving average of the weights after each step, with timm's warm-up ``1 - (1 + s)^(-2/3)``."""
+    ema = {k: v.clone() for k, v in snapshots[0].items()}  # step 1: a copy
+    for step, weights in enumerate(snapshots[1:], start=2):
+        decay = min(1 - (1 + step - 1) ** (-2 / 3), cap)
+        for k, v in weights.items():
+            ema[k] = ema[k] * decay + v * (1 - decay) if v.is_floating_point() else v.clone()
+    return ema
+
+
+def test_weight_average_is_validated_kept_as_best_and_resumes_exactly(msd, tmp_path):
+    def run(out: str) -> tuple[list[dict], list[dict[str, torch.Tensor]], Trainer]:
+        cfg = seg_config(msd, tmp_path / out, ema_decay=0.5, best_metric="last", device="cpu")
+        trainer, events, snaps = Trainer(cfg), [], []
+        for event in trainer.run():
+            events.append(event)
+            if event["event"] == "step":
+                snaps.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+        return events, snaps, trainer
+
+    events, snaps, trainer = run("a")
+    want = _expected_ema(snaps, cap=0.5)
+    last = json.loads((tmp_path / "a/last.json").read_text())
+    saved_ema, raw = _weights(tmp_path / "a" / last["ema"]), _weights(tmp_path / "a" / last["weights"])
+    best = _weights(events[-1]["best_path"])
+    moved = 0
+    for k, v in want.items():
+        torch.testing.assert_close(saved_ema[k], v, rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(best[k], v, rtol=0, atol=1e-6, msg=k)  # best = the average
+        torch.testing.assert_close(raw[k], snaps[-1][k], rtol=0, atol=1e-6, msg=k)  # training goes on raw
+        moved += int(not torch.allclose(raw[k], v))
+    assert moved > 0  # the average is not the last weights
+    # validation scored the average: the last metrics are the averaged model's, not the raw weights'
+    val = [e for e in events if e["event"] == "val"][-1]["metrics"]
+    of_best = evaluate_cases(load_model(events[-1]["best_path"]), trainer.val_set, torch.device("cpu"), 4)
+    assert of_best["mean_dice"] == pytest.approx(val["mean_dice"], abs=1e-6)
+
+    # killed after the step-2 checkpoint and resumed: the same average as the straight run
+    gen = Trainer(seg_config(msd, tmp_path / "b", ema_decay=0.5, best_metric="last", device="cpu")).run()
+    for event in gen:
+        if event["event"] == "checkpoint" and event["step"] == 2 and not event["best"]:
+            break
+    gen.close()
+    resumed, _, _ = run("b")
+    assert [e["step"] for e in resumed if e["event"] == "step"] == [3, 4]
+    b = _weights(tmp_path / "b" / json.loads((tmp_path / "b/last.json").read_text())["ema"])
+    for k, v in saved_ema.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-6, msg=k)
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == [
+        "step_0000004.ema.safetensors",
+        "step_0000004.optim.safetensors",
+        "step_0000004.safetensors",
+    ]
+
+    # a run without an average, continued with one: the average starts from the weights it has
+    list(train(seg_config(msd, tmp_path / "c", max_steps=2, device="cpu")))
+    more, _, _ = run("c")
+    assert [e["step"] for e in more if e["event"] == "step"] == [3, 4]
+    assert "ema" in json.loads((tmp_path / "c/last.json").read_text())
+
+
+def test_weight_average_options_are_checked():
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        TrainConfig(model="unet_tiny", ema_decay=1.0)
+    with pytest.raises(ValueError, match="pretraining models keep their own"):
+        TrainConfig(model="mae_tiny", task="pretrain", ema_decay=0.99)

@@ -6,6 +6,7 @@ Layout of a run folder::
     split.json                   train/val case ids
     step_0000200.safetensors     model weights + config + extra (registry.save_model)
     step_0000200.optim.safetensors  optimiser tensors, RNG states; param groups as JSON metadata
+    step_0000200.ema.safetensors    the moving average of the weights (runs with ``ema_decay``)
     last.json                    {"step", "weights", "optim", "best_value", "best_step", ...}: the commit record
     best.safetensors             the weights with the best validation metric
     events.jsonl                 every validation event
@@ -106,8 +107,8 @@ class RunFolder:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is damaged ({err}); delete it to start the run afresh") from None
-        for key in ("weights", "optim"):
-            if not (self.dir / record[key]).is_file():
+        for key in ("weights", "optim", "ema"):
+            if key in record and not (self.dir / record[key]).is_file():
                 raise FileNotFoundError(f"{path} names {record[key]}, which is missing")
         return record
 
@@ -119,16 +120,21 @@ class RunFolder:
         extra: dict[str, Any],
         record: dict[str, Any],
         rng: dict[str, torch.Tensor],
+        ema: nn.Module | None = None,
     ) -> Path:
-        """Write weights, optimiser + RNG state, then commit them in ``last.json``; remove older files."""
+        """Write weights, optimiser + RNG state (and the weights' moving average ``ema``), then commit them
+        in ``last.json``; remove older files."""
         stem = f"step_{step:07d}"
         weights = save_model(model, self.dir / f"{stem}.safetensors", extra={**extra, "step": step})
         tensors, meta = optimizer_tensors(optimizer)
         tensors.update({f"rng/{k}": v for k, v in rng.items()})
         save_tensors(self.dir / f"{stem}.optim.safetensors", tensors, meta)
         record = {**record, "step": step, "weights": weights.name, "optim": f"{stem}.optim.safetensors"}
+        record.pop("ema", None)
+        if ema is not None:
+            record["ema"] = save_model(ema, self.dir / f"{stem}.ema.safetensors", extra={"step": step}).name
         atomic_write_text(self.dir / LAST, json.dumps(record, indent=1))
-        self.clean(keep={weights.name, record["optim"]})
+        self.clean(keep={weights.name, record["optim"], record.get("ema", "")})
         return weights
 
     def load_optim(self, record: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

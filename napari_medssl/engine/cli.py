@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="softmax temperature of the KL term (default 1)",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="validate and keep a moving average of the weights, decay warming up to DECAY (e.g. 0.999; "
+        "default 0 = off)",
+    )
 
     p = sub.add_parser(
         "evaluate",
@@ -313,6 +321,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         teacher=getattr(args, "teacher", None),
         distill_weight=getattr(args, "distill_weight", 1.0),
         distill_temperature=getattr(args, "distill_temperature", 1.0),
+        ema_decay=getattr(args, "ema", 0.0),
     )
     show = _rank0()
     bar = None

@@ -68,6 +68,10 @@ class TrainConfig:
             student is the same model at the same size: only its training signal changes.
         distill_weight: weight of the distillation term (the hard-label loss keeps weight 1).
         distill_temperature: softmax temperature ``T`` of both sides of the KL term.
+        ema_decay: keep an exponential moving average of the weights (Polyak averaging, timm's
+            ``ModelEmaV3`` with its decay warm-up: ``1 - (1 + step)^(-2/3)``, capped at this value; 0 = off).
+            Validation scores the averaged weights and ``best.safetensors`` holds them; the raw weights
+            keep training and both are checkpointed for resume. Classifiers and segmenters only.
     """
 
     model: str
@@ -103,6 +107,7 @@ class TrainConfig:
     teacher: str | None = None
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -119,6 +124,13 @@ class TrainConfig:
         if self.teacher is not None and self.task == "pretrain":
             raise ValueError(
                 "a teacher distils a classifier or a segmenter; pretraining has its own objective"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay!r}")
+        if self.ema_decay and self.task == "pretrain":
+            raise ValueError(
+                "ema_decay averages a classifier's or segmenter's weights; pretraining models keep their own "
+                "moving averages (DINO's teacher)"
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")

@@ -202,6 +202,7 @@ class Trainer:
         self.config = config
         self.folder = RunFolder(config.out_dir)
         self.model: nn.Module | None = None
+        self.ema: nn.Module | None = None  # timm's ModelEmaV3 when ``config.ema_decay`` is set
 
     def _setup_data(self) -> None:
         cfg = self.config
@@ -349,6 +350,12 @@ class Trainer:
             model, cfg.task, class_weights, teacher, cfg.distill_weight, cfg.distill_temperature
         ).to(self.device)
         wrapped = dist_utils.wrap(loss_module, self.device)
+        # the weights' moving average (timm): validated, saved as best, checkpointed beside the raw weights
+        self.ema = None
+        if cfg.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
         aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
 
@@ -365,6 +372,10 @@ class Trainer:
 
             state, _, _ = read_checkpoint(self.folder.dir / last["weights"])
             model.load_state_dict(state)
+            if self.ema is not None:  # a run that had no average yet starts it from the weights it has
+                ema_file = last.get("ema")
+                ema_state = read_checkpoint(self.folder.dir / ema_file)[0] if ema_file else state
+                self.ema.module.load_state_dict(ema_state)
             rng = self.folder.load_optim(last, optimizer)
             torch.set_rng_state(rng["torch"])
             if self.rank == 0:
@@ -457,6 +468,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 step += 1
+                if self.ema is not None:
+                    self.ema.update(model, step=step)
                 progress = run_progress(step, time.monotonic() - clock0, cfg)
                 if timed and self.world_size > 1:  # every rank stops at the same step
                     progress = dist_utils.broadcast_float(progress, self.device)
@@ -489,10 +502,11 @@ class Trainer:
                             rng["cuda"] = torch.cuda.get_rng_state(self.device)
                         extra = self._extra(metrics)
                         record["elapsed_s"] = round(time.monotonic() - clock0, 3)
-                        last_path = self.folder.save_last(model, optimizer, step, extra, record, rng)
+                        ema = None if self.ema is None else self.ema.module
+                        last_path = self.folder.save_last(model, optimizer, step, extra, record, rng, ema)
                         yield {"event": "checkpoint", "step": step, "path": str(last_path), "best": False}
                         if is_best:
-                            best = self.folder.save_best(model, extra)
+                            best = self.folder.save_best(self.eval_model, extra)
                             yield {"event": "checkpoint", "step": step, "path": str(best), "best": True}
                     dist_utils.barrier()
                 if finished:
@@ -508,11 +522,16 @@ class Trainer:
             "metrics": record.get("best_metrics") or metrics,
         }
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation scores and ``best.safetensors`` keeps: the moving average when there is one."""
+        assert self.model is not None
+        return self.model if self.ema is None else self.ema.module
+
     @torch.no_grad()
     def validate(self, loss_module: LossModule) -> dict[str, float]:
         """Metrics on the validation cases (training loss on the train sample when there is no val split)."""
-        model = self.model
-        assert model is not None
+        model = self.eval_model
         if self.val_set is None:
             return {}
         if self.config.task == "pretrain":
