@@ -7,8 +7,11 @@ With several models, each one's per-case mean Dice is also compared with the fir
 paired difference with a bootstrap 95 % interval (resampling the cases), and in how many cases it is ahead. An
 interval that excludes 0 means the gap is not validation-set noise.
 
+``--cases train --first 60`` scores the first 60 training volumes instead: set beside the validation numbers it
+shows how far a model fits its training labels past what generalises.
+
 Usage (checkout root): ``python scripts/seg_error_breakdown.py unet_tiny_hippocampus emfformer_tiny_hippocampus
-[--data ../shared/data/hippocampus] [--split models/splits/hippocampus_seed0.json]``
+[--data ../shared/data/hippocampus] [--split models/splits/hippocampus_seed0.json] [--cases val|train] [--first N]``
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ def main() -> None:
     )
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hippocampus"))
     parser.add_argument("--split", default=str(ROOT / "models" / "splits" / "hippocampus_seed0.json"))
+    parser.add_argument("--cases", choices=("val", "train"), default="val", help="which side of the split")
+    parser.add_argument("--first", type=int, help="only the first N of those volumes")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    val = set(json.loads(Path(args.split).read_text())["val"])
-    cases = [c for c in open_data(args.data).cases() if c.id in val]
-    print(f"{len(cases)} validation volumes")
+    wanted = set(json.loads(Path(args.split).read_text())[args.cases])
+    cases = [c for c in open_data(args.data).cases() if c.id in wanted][: args.first]
+    print(f"{len(cases)} {'validation' if args.cases == 'val' else 'training'} volumes")
     case_dice: dict[str, np.ndarray] = {}
     for spec in args.models:
         model = load_model(resolve_checkpoint(spec)).eval()
@@ -71,7 +76,7 @@ def main() -> None:
             )
         fg, missed, extra, swapped = np.mean(rows, axis=0)
         print(
-            f"{spec}: foreground IoU {fg:.3f}, missed {missed:.3f}, extra {extra:.3f} (of the true foreground), "
+            f"{spec}: mean Dice {np.mean(dices):.4f}, foreground IoU {fg:.3f}, missed {missed:.3f}, extra {extra:.3f} (of the true foreground), "
             f"wrong label inside the overlap {swapped:.3f}"
         )
         case_dice[spec] = np.array(dices)
