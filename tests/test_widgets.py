@@ -378,7 +378,7 @@ def test_zoo_emfformer_segments_a_real_volume_in_the_model_dock(
     assert "trained without random flips" in mw.status_label.text()
     truth = np.asarray(truth_layer.data)
     assert truth.shape == seg.data.shape
-    assert dice(seg.data, truth) > 0.8  # the card's mean Dice over the 40 validation volumes is 0.872
+    assert dice(seg.data, truth) > 0.8  # the card's mean Dice over the 40 validation volumes is 0.877
     truth_layer.visible = False
     viewer.dims.set_current_step(0, img.shape[0] // 2)
     shot(viewer, qtbot, test_output, "model_emfformer_zoo_segment")
