@@ -7,11 +7,12 @@ With several models, each one's per-case mean Dice is also compared with the fir
 paired difference with a bootstrap 95 % interval (resampling the cases), and in how many cases it is ahead. An
 interval that excludes 0 means the gap is not validation-set noise.
 
-``--cases train --first 60`` scores the first 60 training volumes instead: set beside the validation numbers it
+``--cases train --first 60`` scores the first 60 training volumes instead: beside the validation numbers, it
 shows how far a model fits its training labels past what generalises.
 
 Usage (checkout root): ``python scripts/seg_error_breakdown.py unet_tiny_hippocampus emfformer_tiny_hippocampus
-[--data ../shared/data/hippocampus] [--split models/splits/hippocampus_seed0.json] [--cases val|train] [--first N]``
+[--data ../shared/data/hippocampus] [--split models/splits/hippocampus_seed0.json] [--cases val|train]
+[--first N]``
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def main() -> None:
             )
         fg, missed, extra, swapped = np.mean(rows, axis=0)
         print(
-            f"{spec}: mean Dice {np.mean(dices):.4f}, foreground IoU {fg:.3f}, missed {missed:.3f}, extra {extra:.3f} (of the true foreground), "
-            f"wrong label inside the overlap {swapped:.3f}"
+            f"{spec}: mean Dice {np.mean(dices):.4f}, foreground IoU {fg:.3f}, missed {missed:.3f}, "
+            f"extra {extra:.3f} (of the true foreground), wrong label inside the overlap {swapped:.3f}"
         )
         case_dice[spec] = np.array(dices)
     first, *others = args.models

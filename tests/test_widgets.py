@@ -365,8 +365,8 @@ def test_zoo_emfformer_segments_a_real_volume_in_the_model_dock(
     make_napari_viewer, qtbot, data_dir, test_output
 ):
     """The shipped EMF-former (distilled, with its own decoder options in the checkpoint) in the Model dock on a
-    validation volume: the library's labels, close to the ground truth. It was trained without random flips, so
-    Mirror TTA leaves its labels as they are and the dock says why."""
+    validation volume: the library's labels, close to the ground truth. It was trained without random flips,
+    so Mirror TTA leaves its labels as they are and the dock says why."""
     case = "hippocampus_001"  # a validation case of the zoo split
     viewer = make_napari_viewer(show=True)
     image = open_file(viewer, data_dir / "hippocampus" / "imagesTr" / f"{case}.nii.gz")[0]

@@ -524,7 +524,7 @@ class Trainer:
 
     @property
     def eval_model(self) -> nn.Module:
-        """The weights validation scores and ``best.safetensors`` keeps: the moving average when there is one."""
+        """The weights validation scores and ``best.safetensors`` keeps (the moving average, if any)."""
         assert self.model is not None
         return self.model if self.ema is None else self.ema.module
 
