@@ -20,7 +20,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from napari_medssl._reader import read_layers
-from napari_medssl.io import MedicalImageReadError, read, read_dicom, read_nifti
+from napari_medssl.io import MedicalImageReadError, MedicalImageReadWarning, read, read_dicom, read_nifti
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,14 +123,22 @@ def _nifti_from_hippocampus(data_dir: Path, data: np.ndarray, path: Path) -> Pat
 
 
 def test_nifti_with_nan_and_inf(data_dir: Path, tmp_path: Path) -> None:
-    data = np.asanyarray(nib.load(data_dir / HIPPO).dataobj).astype(np.float32)
+    data = np.asanyarray(nib.load(data_dir / HIPPO).dataobj).astype(np.float32) + 7  # lowest is not 0
     data[0, 0, :3] = [np.nan, np.inf, -np.inf]
     path = _nifti_from_hippocampus(data_dir, data, tmp_path / "nan.nii.gz")
-    _refuses(path, "3 of .* voxels are NaN or infinite", read_nifti)
-    with pytest.warns(UserWarning, match="NaN/Inf voxels replaced with 0"):
-        vol = read_nifti(path, nan_policy="zero")
-    assert np.isfinite(vol.data).all() and vol.data[:3, 0, 0].tolist() == [0.0, 0.0, 0.0]
-    assert vol.metadata["warnings"] == ["3 NaN/Inf voxels replaced with 0"]
+    lowest = float(np.nanmin(np.where(np.isfinite(data), data, np.nan)))
+    assert lowest > 0
+    n = f"3 of {data.size:,} voxels were NaN or infinite"
+    for reader in (read_nifti, read, read_layers):  # the default everywhere, the napari reader included
+        with pytest.warns(MedicalImageReadWarning, match=f"{n}: replaced with {lowest:g} \\(the smallest finite"):
+            reader(path)
+    with pytest.warns(MedicalImageReadWarning):
+        vol = read_nifti(path)
+    assert np.isfinite(vol.data).all() and vol.data[:3, 0, 0].tolist() == [lowest] * 3
+    assert vol.metadata["warnings"] == [f"{n}: replaced with {lowest:g} (the smallest finite value)"]
+    with pytest.warns(MedicalImageReadWarning, match=f"{n}: replaced with 0$"):
+        assert read_nifti(path, nan_policy="zero").data[:3, 0, 0].tolist() == [0.0] * 3
+    _refuses(path, "3 of .* voxels are NaN or infinite", lambda p: read_nifti(p, nan_policy="raise"))
     with pytest.raises(ValueError, match="nan_policy must be one of"):
         read_nifti(path, nan_policy="ignore")
 

@@ -30,8 +30,8 @@ def is_image(path: str | os.PathLike) -> bool:
 
 
 def read_nifti(path: str | os.PathLike) -> Volume:
-    """A NIfTI volume, ``data`` in ``(Z, Y, X)`` (NaN/Inf voxels become 0)."""
-    return io.read_nifti(path, nan_policy="zero")
+    """A NIfTI volume, ``data`` in ``(Z, Y, X)`` (NaN/Inf voxels become the smallest finite value, as in napari)."""
+    return io.read_nifti(path)
 
 
 def read_image(path: str | os.PathLike) -> Volume:
@@ -58,7 +58,8 @@ def dicom_leaf_folders(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_any(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI file, a PNG/TIFF image or a DICOM series (a folder or a file: its first image series).
+    """Read a NIfTI file, a PNG/TIFF image or a DICOM series (a folder, a file or a DICOMDIR holding one image
+    series; label series beside it, such as tumour masks, are passed over).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -71,7 +72,8 @@ def read_any(path: str | os.PathLike) -> Volume:
         return read_nifti(path)
     vols = [v for v in io.read(path) if not v.is_label] or io.read(path)
     if len(vols) > 1:
-        raise ValueError(f"{path} holds {len(vols)} image series; give one series folder")
+        listing = "; ".join(f"{v.name} ({Path(v.metadata['source'])})" for v in vols[:8])
+        raise ValueError(f"{path} holds {len(vols)} image series; give the folder or file of one: {listing}")
     return vols[0]
 
 

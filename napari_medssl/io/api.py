@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .dicom import read_dicom
+from .dicom_files import looks_like_dicom
 from .image2d import PNG_SUFFIXES, TIFF_SUFFIXES, read_image, write_image_labels
 from .layers import affine_from_layer
 from .nifti import read_nifti, write_nifti
@@ -21,13 +22,13 @@ FORMATS = ("dicom", "nifti", "image")
 
 
 def _sniff(path: Path) -> str | None:
-    """The format of a file from its first bytes (DICOM 'DICM' at 128, NIfTI magic at 344, PNG, TIFF)."""
+    """The format of a file from its first bytes (DICOM: 'DICM' at 128 or a bare dataset; NIfTI magic; PNG; TIFF)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(352)
     except OSError:
         return None
-    if head[128:132] == b"DICM":
+    if looks_like_dicom(head):
         return "dicom"
     if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00"):
         return "nifti"

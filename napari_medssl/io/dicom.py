@@ -336,7 +336,8 @@ def read_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Vo
     """Read DICOM files or folders into one :class:`Volume` per series.
 
     Args:
-        path: A DICOM file, a folder (searched recursively), or a list of files/folders.
+        path: A DICOM file, a DICOMDIR (the files it lists), a folder (searched recursively), or a list
+            of these.
 
     Returns:
         Volumes sorted by study date, series number and name. Files that could not be read are
@@ -348,8 +349,8 @@ def read_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Vo
         MedicalImageReadError: Nothing readable was found (empty folder, a single bad file, or a
             folder of bad files); the message names the file(s) and the reasons.
     """
-    files, root = collect_files(path)
     skipped: list[dict[str, str]] = []
+    files, root = collect_files(path, skipped)
     groups: dict[tuple, list[DicomFile]] = defaultdict(list)
     for p in files:
         try:

@@ -20,6 +20,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
+from .dicomdir import DICOMDIR_SOP_CLASS, dicomdir_files, is_dicomdir
 from .volume import MedicalImageReadError, max_voxels
 
 MAX_FILES = 50_000
@@ -68,10 +69,14 @@ class DicomFile:
     intercepts: np.ndarray
 
 
-def collect_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Path], Path]:
+def collect_files(
+    path: str | os.PathLike | Sequence[str | os.PathLike], skipped: list[dict[str, str]] | None = None
+) -> tuple[list[Path], Path]:
     """The files to read: a file, a list of files/folders, or a folder searched recursively.
 
-    Symlinked folders are not followed and hidden files (``.DS_Store``) are ignored.
+    Symlinked folders are not followed and hidden files (``.DS_Store``) are ignored. A DICOMDIR given
+    as a file stands for the files it lists (:mod:`.dicomdir`; listed files that are missing are added
+    to ``skipped``); a DICOMDIR met inside a folder is passed over (the folder's files are read anyway).
 
     Returns:
         ``(files, root)`` with ``root`` the path to name in errors.
@@ -88,11 +93,21 @@ def collect_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tupl
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist; give a DICOM file or a folder of DICOM files")
         if p.is_file():
-            files.append(p)
+            if is_dicomdir(p):
+                listed, missing = dicomdir_files(p)
+                files.extend(listed)
+                if skipped is not None:
+                    skipped.extend(missing)
+            else:
+                files.append(p)
             continue
         for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+            files.extend(
+                Path(dirpath) / f
+                for f in sorted(filenames)
+                if not f.startswith(".") and f.upper() != "DICOMDIR"
+            )
             if len(files) > MAX_FILES:
                 raise MedicalImageReadError(
                     p, f"the folder holds more than {MAX_FILES:,} files; open the sub-folder of one study"
@@ -120,18 +135,32 @@ def transfer_syntax(ds: Dataset) -> pydicom.uid.UID:
     return uid
 
 
+def looks_like_dicom(head: bytes) -> bool:
+    """Whether a file's first 132 bytes are DICOM's: the 'DICM' marker at byte 128, or a bare dataset.
+
+    A bare dataset (no preamble, as old ACR-NEMA-style files and some exports are written) starts with
+    a group 0002 or 0008 tag whose element number is below 0x0100, little- or big-endian.
+    """
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 4:
+        return False
+    little = head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0
+    big = head[:2] in (b"\x00\x02", b"\x00\x08") and head[2] == 0
+    return little or big
+
+
 def _read(path: Path) -> tuple[Dataset, list[str]]:
     """``dcmread`` from memory, with pydicom's warnings captured (they reveal truncation).
 
-    The file is checked for the 'DICM' marker (or a bare dataset starting with a group 0002/0008 tag)
-    before it is read whole, and parsed from a ``BytesIO``: a corrupt element length then cannot make
-    a read allocate more than the file's size (``FileIO.read(n)`` allocates ``n`` bytes up front).
+    The file is checked with :func:`looks_like_dicom` before it is read whole, and parsed from a
+    ``BytesIO``: a corrupt element length then cannot make a read allocate more than the file's size
+    (``FileIO.read(n)`` allocates ``n`` bytes up front).
     """
     with open(path, "rb") as fh:
         head = fh.read(132)
         preamble = head[128:132] == b"DICM"
-        bare = head[:2] in (b"\x02\x00", b"\x08\x00") and len(head) >= 4 and head[3] == 0
-        if not (preamble or bare):
+        if not looks_like_dicom(head):
             raise MedicalImageReadError(path, "not a DICOM file (no 'DICM' marker after the preamble)")
         buffer = io.BytesIO(head + fh.read())
     with warnings.catch_warnings(record=True) as caught:
@@ -146,10 +175,18 @@ def _read(path: Path) -> tuple[Dataset, list[str]]:
 def _no_pixels_reason(ds: Dataset, messages: list[str]) -> str:
     if any("end of file" in m.lower() for m in messages) or "Rows" in ds:
         return "the file is truncated: it ends before its pixel data"
+    meta = getattr(ds, "file_meta", None)
+    if "DirectoryRecordSequence" in ds or (
+        meta is not None and meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS
+    ):
+        return "a DICOMDIR (the index of a DICOM file-set): open it on its own to read the series it lists"
     sop = ds.get("SOPClassUID")
     if sop is None and "Modality" not in ds:
-        detail = f" ({messages[0]})" if messages else ""
-        return f"corrupt DICOM header: no SOP class, modality or pixel data could be parsed{detail}"
+        if messages:
+            return (
+                f"corrupt DICOM header: no SOP class, modality or pixel data could be parsed ({messages[0]})"
+            )
+        return f"no pixel data: the dataset holds {len(ds)} element(s), none of them an image"
     kind = f"a {getattr(sop, 'name', None) or sop} object" if sop is not None else "an object"
     return f"no pixel data: {kind} (Modality {ds.get('Modality', '?')}) holds no image to display"
 
@@ -290,6 +327,8 @@ def _check_decodable(
         raise MedicalImageReadError(path, f"unknown transfer syntax {tsuid!s}") from None
     if not compressed:
         expected = (n * bits + 7) // 8
+        if shape[3] == 3 and ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+            expected = expected // 3 * 2  # chroma subsampled 2:1 horizontally: 2 values per pixel
         held = len(ds.get_item(next(t for t in PIXEL_TAGS if t in ds)).value or b"")
         if held < expected:
             raise MedicalImageReadError(

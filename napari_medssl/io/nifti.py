@@ -7,9 +7,14 @@ affine and voxels.
 
 Policies (documented for users):
 
-- NaN/Inf voxels: ``nan_policy="raise"`` (the default, and what the napari reader uses) refuses the
-  file with a :class:`MedicalImageReadError` giving the count; ``nan_policy="zero"`` replaces them with
-  0, warns, and records the count in ``metadata["warnings"]``.
+- NaN/Inf voxels (common after resampling or registration: NaN marks voxels outside the source's field
+  of view): ``nan_policy="minimum"`` (the default, used by the napari reader, ``medssl`` and training)
+  replaces them with the image's smallest finite value, warns with a :class:`MedicalImageReadWarning`
+  giving the count, and records it in ``metadata["warnings"]``. The minimum, not 0, because it is the
+  image's own background (air at about -1000 HU in CT, 0 in most MR): 0 would paint water-like soft
+  tissue (0 HU) over the outside of a CT, widen the display window and show a model tissue that is not
+  there. An image with no finite voxel at all becomes 0. ``nan_policy="zero"`` replaces them with 0;
+  ``nan_policy="raise"`` refuses the file with a :class:`MedicalImageReadError` giving the count.
 - 4D and higher: trailing axes of length 1 are dropped; a real 4th axis (time points, channels,
   diffusion directions) is refused with an error naming the shape — split it first, e.g. with
   ``nibabel.funcs.four_to_three``.
@@ -38,7 +43,7 @@ from .volume import (
 )
 from .windows import window_presets
 
-NAN_POLICIES = ("raise", "zero")
+NAN_POLICIES = ("minimum", "zero", "raise")
 GZIP_MAX_RATIO = 1032
 """Deflate's largest possible compression ratio: a ``.nii.gz`` of n bytes inflates to at most 1032 n bytes."""
 _REVERSE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
@@ -117,12 +122,32 @@ def _guess_modality(data: np.ndarray) -> str:
     return "CT" if data.size and float(data.min()) < -500 else "MR"
 
 
-def read_nifti(path: str | os.PathLike, *, nan_policy: str = "raise", modality: str | None = None) -> Volume:
+def _replace_non_finite(path: Path, data: np.ndarray, nan_policy: str, notes: list[str]) -> np.ndarray:
+    """``data`` with NaN/Inf voxels replaced as ``nan_policy`` says (see the module docstring)."""
+    finite = np.isfinite(data)
+    bad = int(data.size - np.count_nonzero(finite))
+    if not bad:
+        return data
+    if nan_policy == "raise":
+        raise MedicalImageReadError(path, f"{bad:,} of {data.size:,} voxels are NaN or infinite")
+    use_minimum = nan_policy == "minimum" and bad < data.size
+    fill = float(data[finite].min()) if use_minimum else 0.0
+    data = np.where(finite, data, data.dtype.type(fill))
+    what = " (the smallest finite value)" if use_minimum else ""
+    notes.append(f"{bad:,} of {data.size:,} voxels were NaN or infinite: replaced with {fill:g}{what}")
+    warnings.warn(MedicalImageReadWarning(f"{path}: {notes[-1]}"), stacklevel=3)
+    return data
+
+
+def read_nifti(
+    path: str | os.PathLike, *, nan_policy: str = "minimum", modality: str | None = None
+) -> Volume:
     """Read a 2D or 3D NIfTI file.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
-        nan_policy: ``"raise"`` (refuse NaN/Inf voxels) or ``"zero"`` (replace them with 0 and warn).
+        nan_policy: What NaN/Inf voxels become: ``"minimum"`` (the smallest finite value, with a warning
+            giving the count), ``"zero"`` (0, with the warning) or ``"raise"`` (refuse the file).
         modality: DICOM modality code for the display window; guessed when ``None`` (``CT`` when the
             image holds values below -500, else ``MR``) and marked ``metadata["modality_guessed"]``.
 
@@ -185,19 +210,11 @@ def read_nifti(path: str | os.PathLike, *, nan_policy: str = "raise", modality: 
         ) from None
     if data.dtype == np.float64 and dtype != np.float64:
         data = data.astype(np.float32)  # scl_slope scaling: float32 is what napari and the models use
+    if not data.dtype.isnative:
+        data = data.astype(data.dtype.newbyteorder("="))  # big-endian files: torch takes native order only
     notes: list[str] = []
     if np.issubdtype(data.dtype, np.floating):
-        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-        if bad:
-            if nan_policy == "raise":
-                raise MedicalImageReadError(
-                    path,
-                    f"{bad:,} of {data.size:,} voxels are NaN or infinite; read it with "
-                    "read_nifti(path, nan_policy='zero') to replace them with 0",
-                )
-            data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
-            notes.append(f"{bad:,} NaN/Inf voxels replaced with 0")
-            warnings.warn(MedicalImageReadWarning(f"{path}: {notes[-1]}"), stacklevel=2)
+        data = _replace_non_finite(path, data, nan_policy, notes)
     data = np.ascontiguousarray(data.T)
     nifti_affine = _valid_affine(img, notes)
     affine = nifti_affine @ _REVERSE
