@@ -1,7 +1,8 @@
 """``python -m napari_medssl``: napari with the plugin's three docks, a real image and a trained model.
 
 By default the hippocampus MRI sample (from ``$MEDSSL_DATA_DIR``, else the public archive) is opened with its
-labels, the Model dock selects a trained zoo segmenter for it, and the Attention & masking and Fine-tune docks
+labels, the Model dock selects a trained zoo segmenter for it (only one whose card's domain fits the image:
+when none does, none is selected and a warning says why, see :mod:`napari_medssl.domain`), and the Attention & masking and Fine-tune docks
 sit beside it. ``--sample mammogram`` opens a mini-MIAS mammogram and prefers a classifier; ``--image PATH``
 opens any file the plugin reads; ``--model NAME`` picks a zoo model or a ``.safetensors`` checkpoint.
 napari is imported only inside :func:`main`, so a spawned training process that re-imports this module stays
@@ -59,6 +60,49 @@ def choose_model(cards: dict[str, dict[str, Any]], spatial_dims: int, hint: str)
     return sorted(cards, key=rank)[0]
 
 
+PREDICTORS = ("segment", "classify")
+
+
+def choose_fitting_model(
+    cards: dict[str, dict[str, Any]], facts: Any, hint: str
+) -> tuple[str | None, str | None]:
+    """The :func:`choose_model` pick among the segmenters and classifiers whose domain fits the image.
+
+    Args:
+        cards: zoo cards by name.
+        facts: the opened image (:class:`napari_medssl.domain.ImageFacts`).
+        hint: preferred word in the model's name (the sample's name).
+
+    Returns:
+        ``(name, None)``, or ``(None, warning)`` when no shipped model that predicts fits: the warning names
+        the image, what the nearest model was trained on, and the models that fit only as a starting point
+        for fine-tuning. An empty zoo gives ``(None, None)``.
+    """
+    from napari_medssl import domain
+
+    if not cards:
+        return None, None
+    verdicts = domain.fitting(cards, facts)
+    usable = {n: c for n, c in cards.items() if verdicts[n].fits and c.get("task") in PREDICTORS}
+    pick = choose_model(usable, facts.spatial_dims, hint)
+    if pick is not None:
+        return pick, None
+    nearest = choose_model(
+        {n: c for n, c in cards.items() if c.get("task") in PREDICTORS}, facts.spatial_dims, hint
+    )
+    starters = sorted(n for n, v in verdicts.items() if v.fits)
+    parts = [f"No shipped model fits {facts.name} ({domain.describe_image(facts)}): none was selected."]
+    if nearest is not None:
+        parts.append(f"For example, {verdicts[nearest].message}.")
+    if starters:
+        parts.append(f"Fits only as a starting point for fine-tuning: {', '.join(starters)}.")
+    parts.append(
+        "Paint the structure and fine-tune (Fine-tune dock), or pick a model in the Model dock at your own risk."
+    )
+    warning = " ".join(parts)
+    return None, warning
+
+
 def _zoo_cards() -> dict[str, dict[str, Any]]:
     from napari_medssl import zoo
 
@@ -94,8 +138,12 @@ def open_layers(viewer: Any, args: argparse.Namespace) -> Any:
 
 
 def setup(viewer: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Open the image, dock the three widgets and select a model; return the docks by name."""
+    """Open the image, dock the three widgets and select a model that fits the image (by its card's domain;
+    none, with a warning, when no shipped model fits); return the docks by name."""
     from napari.utils.notifications import show_warning
+
+    from napari_medssl import domain
+    from napari_medssl._widgets.model_widget import NO_MODEL
 
     image = open_layers(viewer, args)
     from qtpy.QtWidgets import QApplication
@@ -108,19 +156,24 @@ def setup(viewer: Any, args: argparse.Namespace) -> dict[str, Any]:
     for i, name in enumerate(DOCKS):
         _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name, tabify=i > 1)
         docks[name] = widget
-    model = args.model
+    model, misfit = args.model, None
+    docks["Model"].image_combo.setCurrentText(image.name)
     if model is None:
         hint = args.sample if not args.image else image.name
-        model = choose_model(_zoo_cards(), 3 if image.ndim == 3 and not image.rgb else 2, hint)
+        model, misfit = choose_fitting_model(_zoo_cards(), domain.facts_from_layer(image), hint)
     if model is None:
+        docks["Model"].select(NO_MODEL, device=args.device)
         show_warning(
-            "The model zoo is empty: train one (see models/README) or open a .safetensors checkpoint"
+            misfit
+            or "The model zoo is empty: train one (see models/README) or open a .safetensors checkpoint"
         )
     else:
         docks["Model"].select(model, device=args.device)
-        docks["Model"].image_combo.setCurrentText(image.name)
+        fit = docks["Model"].domain_fit()
+        if fit is not None and not fit.fits:  # a model the user asked for by name: keep it, say so
+            show_warning(fit.message)
     docks["Fine-tune"].image_combo.setCurrentText(image.name)
-    if model is not None and image.ndim == 3 and not image.rgb:
+    if image.ndim == 3 and not image.rgb:
         docks["Fine-tune"].new_labels_layer()  # ready to paint: 0 = unlabelled, k + 1 = class k
         viewer.layers.selection.active = image
     docks["Attention & masking"].image_combo.setCurrentText(image.name)

@@ -9,6 +9,11 @@ Folders searched, first match wins: each folder in ``$MEDSSL_MODELS_DIR`` (``os.
 the checkout's top-level ``models/``. A card may give ``weights.url``: missing weights are then fetched with
 pooch into ``$MEDSSL_CACHE_DIR`` (default pooch's cache) and checked against ``weights.sha256``. Every load
 checks the sha256; a mismatch is an error, never a silent load.
+
+A card's ``domain:`` block says which images the model is meant for (schema: ``domain.DOMAIN_FIELDS``):
+``summary``, ``modality`` (DICOM Modality codes), ``body_part`` (BodyPartExamined values), ``structure``,
+``image_dims``, ``spacing_mm`` / ``fov_mm`` / ``size_voxels`` ranges per axis in napari order, ``intensity``
+and ``notes``. :mod:`napari_medssl.domain` compares an opened image with it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ CARD_FIELDS = (
     "task",  # classify | segment | pretrain
     "classes",  # class names (index = class value)
     "data",  # {"name", "path", "licence", "citation"}
+    "domain",  # optional: the images it was trained for (modality, spacing, field of view ...): domain.py
     "split",  # {"seed", "val_fraction", "n_train", "n_val", "val_ids"}
     "command",  # the exact command that trained it
     "metrics",  # validation metrics
@@ -69,7 +75,7 @@ def card(name: str) -> dict[str, Any]:
     """The card of zoo model ``name`` as a dict (plus ``"folder"``: where it lives).
 
     Raises:
-        ValueError: no such model, or a card without ``weights.sha256``.
+        ValueError: no such model, a card without ``weights.sha256`` or with a malformed ``domain`` block.
     """
     import yaml
 
@@ -84,6 +90,10 @@ def card(name: str) -> dict[str, Any]:
     weights = data.get("weights") or {}
     if not isinstance(weights, dict) or not weights.get("sha256"):
         raise ValueError(f"{path}: the card must give weights.sha256")
+    if data.get("domain") is not None:
+        from napari_medssl.domain import validate_domain
+
+        validate_domain(data["domain"], f"{path}: domain")
     data["folder"] = str(folders[name])
     return data
 

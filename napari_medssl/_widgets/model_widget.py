@@ -43,6 +43,8 @@ from napari_medssl._widgets._common import zoo_entries as zoo_entries
 from napari_medssl._widgets._session import ModelChoice, get_session
 
 SCOPES = ("current slice", "whole volume")
+NO_MODEL = "(no model)"
+"""The Model dock's entry for "nothing chosen" (the launcher selects it when no shipped model fits)."""
 HEADLINE_METRICS = ("mean_dice", "auc", "balanced_accuracy", "accuracy", "mean_iou")
 
 
@@ -162,10 +164,15 @@ class ModelWidget(QWidget):
         self._pbar: progress | None = None
         self.last_result: Any = None
 
-        self.picker = ModelPicker()
+        self.picker = ModelPicker(extra_items={NO_MODEL: lambda: ""})
         self.card_label = QLabel()
         self.card_label.setWordWrap(True)
         self.card_label.setTextFormat(Qt.TextFormat.RichText)
+        self.fit_label = (
+            QLabel()
+        )  # does the chosen model's domain fit the chosen image (napari_medssl.domain)
+        self.fit_label.setWordWrap(True)
+        self.fit_label.setTextFormat(Qt.TextFormat.RichText)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.image_combo = LayerCombo(napari_viewer, Image)
@@ -192,6 +199,7 @@ class ModelWidget(QWidget):
         form.addRow(self.card_label)
         form.addRow("Device", self.device_combo)
         form.addRow("Image", self.image_combo)
+        form.addRow(self.fit_label)
         form.addRow("Run on", self.scope_combo)
         form.addRow(self.tta_check)
         buttons = QHBoxLayout()
@@ -237,6 +245,7 @@ class ModelWidget(QWidget):
     def _on_image_changed(self, *_: Any) -> None:
         layer = self.image_combo.layer()
         self.scope_combo.setEnabled(layer is not None and layer.ndim == 3 and not layer.rgb)
+        self._show_fit()
 
     def _on_model_changed(self, *_: Any) -> None:
         is_file = self.picker.is_checkpoint()
@@ -251,6 +260,35 @@ class ModelWidget(QWidget):
         self.card_label.setText(summarize_card(card, model) if src else "<i>choose a model</i>")
         choice = ModelChoice(src, self.device_combo.currentText(), self.picker.label()) if src else None
         self.session.set_model(choice)
+        self._show_fit()
+
+    def domain_fit(self) -> Any:
+        """Whether the chosen model's domain (its card's) fits the chosen image: a
+        :class:`napari_medssl.domain.DomainFit`, or ``None`` without a model or an image."""
+        from napari_medssl import domain
+
+        layer, src = self.image_combo.layer(), self.source()
+        if layer is None or not src:
+            return None
+        model = self._cached_model(src) if self.picker.is_checkpoint() and Path(src).is_file() else None
+        dom = domain.model_domain(model, card=self._card() or None)
+        return domain.check(dom, domain.facts_from_layer(layer), self.picker.label())
+
+    def _show_fit(self) -> None:
+        fit = self.domain_fit()
+        self.fit_label.setToolTip(fit.message if fit is not None else "")
+        if fit is None:
+            self.fit_label.setText("")
+        elif not fit.fits:
+            self.fit_label.setText(
+                "<b style='color:#f90'>⚠ Does not fit this image:</b> "
+                f"<span style='color:#fc6'>{html.escape(fit.short)}.</span>"
+            )
+        elif not fit.recorded:
+            self.fit_label.setText("<i>fit to this image unknown: no training domain recorded</i>")
+        else:
+            text = "fits this image" + (f" (unknown: {', '.join(fit.unknown)})" if fit.unknown else "")
+            self.fit_label.setText(f"<span style='color:#8c8'>✓ {html.escape(text)}</span>")
 
     def _cached_model(self, src: str) -> Any:
         try:

@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--slice-axis", type=int, choices=(0, 1, 2), help="axis 2D models slice along (default: as trained)"
     )
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse (exit status 1, nothing written) an input outside the model's training domain (its "
+        "card's modality, spacing, field of view ...); without it such an input gets a warning",
+    )
+    p.add_argument(
         "--tta",
         action="store_true",
         help="segmenters: average with mirrored copies (test-time augmentation) along the axes the model "
@@ -416,6 +422,20 @@ def _stem(path: Path) -> str:
     return name
 
 
+def _check_domain(model: Any, volume: Any, path: Path, args: argparse.Namespace) -> None:
+    """Warn (stderr) when ``volume`` is outside the model's training domain; raise under ``--strict``."""
+    from napari_medssl import domain, zoo
+
+    card = zoo.card(args.model) if args.model in zoo.list_zoo() else None  # a run's checkpoint has no card
+    dom = domain.model_domain(model, card=card)
+    fit = domain.check(dom, domain.facts_from_volume(volume), str(args.model))
+    if fit.fits:
+        return
+    if args.strict:
+        raise ValueError(f"{path.name}: {fit.message} (--strict: refused; nothing was written)")
+    sys.stderr.write(f"medssl predict: warning: {path.name}: {fit.message}\n")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """``predict``: labels files or a probabilities JSON."""
     from tqdm import tqdm
@@ -435,11 +455,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     extra = getattr(model, "checkpoint_extra", None) or {}
     axis = args.slice_axis if args.slice_axis is not None else int(extra.get("slice_axis", 0))
     inputs = _predict_inputs(Path(args.input))
+    if args.strict:  # every input checked before anything is written
+        for path in inputs:
+            _check_domain(model, readers.read_any(path), path, args)
     output = Path(args.output)
     names = extra.get("class_names") or [str(i) for i in range(model.num_classes)]
     results: dict[str, Any] = {}
     for path in tqdm(inputs, desc="predict", unit="file", dynamic_ncols=True, disable=len(inputs) < 2):
         loaded = readers.read_any(path)
+        _check_domain(model, loaded, path, args)
         if model.task == "segment":
             labels = inference.segment(
                 model,

@@ -125,6 +125,7 @@ def read_image(
         "header": facts,
         "rgb": rgb,
         "warnings": [] if spacing else ["pixel spacing unknown: 1 (pixel units)"],
+        "spacing_known": bool(spacing),
     }
     if values is not None:
         data = as_label_array(data)
