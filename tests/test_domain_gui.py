@@ -22,42 +22,34 @@ def private_folders(tmp_path, monkeypatch):
 
 
 def test_launch_on_a_tcia_study_selects_no_model_and_the_dock_warns_of_a_misfit(
-    qtbot, data_dir, monkeypatch, test_output
+    make_napari_viewer, qtbot, data_dir, monkeypatch, test_output
 ):
     warnings: list[str] = []
     monkeypatch.setattr(napari.utils.notifications, "show_warning", warnings.append)
-    viewer = _launch.main(["--image", str(data_dir / T1POST), "--device", "cpu"], run=False)
-    try:
-        widgets = {name.split(" (")[0]: w for name, w in viewer.window.dock_widgets.items()}
-        mw = widgets["Model"]
-        assert mw.picker.combo.currentText() == NO_MODEL and mw.source() == ""
-        assert mw.domain_fit() is None and mw.fit_label.text() == ""
-        assert len(warnings) == 1 and warnings[0].startswith("No shipped model fits T1post")
-        assert (
-            "trained on 1 mm T1 hippocampus crops" in warnings[0]
-            and "0.688×0.688×6.5 mm brain MR" in warnings[0]
-        )
-        ann = widgets["Fine-tune"].ann_combo.layer()  # ready to paint the new structure
-        assert ann is not None and ann.data.shape == (24, 320, 260)
+    viewer = make_napari_viewer()  # closed, and checked for leaks, by the fixture
+    _launch.setup(viewer, _launch.parse_args(["--image", str(data_dir / T1POST), "--device", "cpu"]))
+    widgets = {name.split(" (")[0]: w for name, w in viewer.window.dock_widgets.items()}
+    mw = widgets["Model"]
+    assert mw.picker.combo.currentText() == NO_MODEL and mw.source() == ""
+    assert mw.domain_fit() is None and mw.fit_label.text() == ""
+    assert len(warnings) == 1 and warnings[0].startswith("No shipped model fits T1post")
+    assert "1 mm T1 hippocampus crops" in warnings[0] and "0.688×0.688×6.5 mm brain MR" in warnings[0]
+    ann = widgets["Fine-tune"].ann_combo.layer()  # ready to paint the new structure
+    assert ann is not None and ann.data.shape == (24, 320, 260)
 
-        mw.select(
-            "unet_tiny_hippocampus", device="cpu"
-        )  # picked by hand: allowed, and the dock says it misfits
-        fit = mw.domain_fit()
-        assert fit is not None and not fit.fits
-        text = mw.fit_label.text()
-        assert (
-            "Does not fit this image" in text and "1 mm T1 hippocampus crops" in text and "brain MR" in text
-        )
-        qtbot.wait(300)
-        path = test_output / "widget_domain_misfit.png"
-        viewer.screenshot(str(path), canvas_only=False)
-        assert path.stat().st_size > 10_000
+    # picked by hand: allowed, and the dock says it does not fit
+    mw.select("unet_tiny_hippocampus", device="cpu")
+    fit = mw.domain_fit()
+    assert fit is not None and not fit.fits
+    text = mw.fit_label.text()
+    assert "Does not fit this image" in text and "1 mm T1 hippocampus crops" in text and "brain MR" in text
+    assert "field of view" in mw.fit_label.toolTip()  # the reasons
+    qtbot.wait(300)
+    path = test_output / "widget_domain_misfit.png"
+    viewer.screenshot(str(path), canvas_only=False)
+    assert path.stat().st_size > 10_000
 
-        hippo = viewer.open(
-            str(data_dir / "hippocampus/imagesTr/hippocampus_001.nii.gz"), plugin="napari-medssl"
-        )
-        mw.image_combo.setCurrentText(hippo[0].name)
-        assert mw.domain_fit().fits and "fits this image" in mw.fit_label.text()
-    finally:
-        viewer.close()
+    crop = data_dir / "hippocampus/imagesTr/hippocampus_001.nii.gz"
+    hippo = viewer.open(str(crop), plugin="napari-medssl")
+    mw.image_combo.setCurrentText(hippo[0].name)
+    assert mw.domain_fit().fits and "fits this image" in mw.fit_label.text()
