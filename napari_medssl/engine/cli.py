@@ -245,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="segmenters: average with mirrored copies (test-time augmentation) along the axes the model "
         "was trained with random flips on; costs one extra pass per mirror",
     )
+    p.add_argument(
+        "--heatmap",
+        metavar="OUT.tif",
+        help="mammography classifiers: also write the float32 abnormality map on the input's grid (a .tif "
+        "file; a folder for several inputs)",
+    )
 
     p = sub.add_parser(
         "ensemble",
@@ -440,7 +446,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``predict``: labels files or a probabilities JSON."""
     from tqdm import tqdm
 
-    from napari_medssl import inference, zoo
+    from napari_medssl import inference, mammo, zoo
     from napari_medssl.engine import readers
     from napari_medssl.engine.build import resolve_checkpoint
 
@@ -454,6 +460,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} is a {model.task!r} model; fine-tune it before predicting")
     extra = getattr(model, "checkpoint_extra", None) or {}
     axis = args.slice_axis if args.slice_axis is not None else int(extra.get("slice_axis", 0))
+    if args.heatmap and mammo.pipeline_of(model) is None:
+        raise ValueError(f"--heatmap needs a mammography patch classifier; {args.model} is not one")
     inputs = _predict_inputs(Path(args.input))
     if args.strict:  # every input checked before anything is written
         for path in inputs:
@@ -481,6 +489,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     f"--output {output}: name a .nii.gz/.nii (or .png/.tif for 2D) file or a folder"
                 )
             results[path.name] = str(readers.write_labels(labels, loaded, target))
+        elif mammo.pipeline_of(model) is not None:  # full-resolution patches, sliding window, heatmap
+            results[path.name] = _predict_mammogram(model, loaded.data, path, args, len(inputs), names)
         else:
             probs = inference.classify(
                 model, loaded.data, slice_axis=axis, batch_size=args.batch_size, rgb=loaded.rgb
@@ -499,6 +509,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
         output.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1) if model.task == "classify" else "\n".join(results.values()))
     return 0
+
+
+def _predict_mammogram(
+    model: Any, image: np.ndarray, path: Path, args: argparse.Namespace, n_inputs: int, names: list[str]
+) -> dict[str, Any]:
+    """One mammogram through :func:`napari_medssl.mammo.score_image`; ``--heatmap`` written as float32 TIFF."""
+    import tifffile
+
+    from napari_medssl import mammo
+
+    res = mammo.score_image(model, image, mammo.pipeline_of(model), batch_size=args.batch_size)
+    probs = [1.0 - res["score"], res["score"]]
+    entry: dict[str, Any] = {
+        "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)},
+        "prediction": names[int(np.argmax(probs))],
+        "heatmap_peak": list(res["peak"]),
+    }
+    if args.heatmap:
+        target = Path(args.heatmap)
+        if n_inputs > 1 or target.is_dir():
+            target = target / f"{_stem(path)}_heatmap.tif"
+        elif target.suffix.lower() not in (".tif", ".tiff"):
+            raise ValueError(f"--heatmap {target}: name a .tif file (or a folder for several inputs)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(target, res["heatmap"].astype(np.float32))
+        entry["heatmap"] = str(target)
+    return entry
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from napari_medssl import mammo
 from napari_medssl.engine.augment import IGNORE
 from napari_medssl.engine.metrics import classification_metrics, dice_iou_case, segmentation_metrics
 from napari_medssl.engine.samples import SampleSet
@@ -132,6 +133,8 @@ def evaluate(
                 f"{model_spec!r} is an untrained architecture; evaluate a checkpoint or a zoo model"
             )
         model = zoo.load(checkpoint, device=str(dev))
+    if mammo.pipeline_of(model) is not None:  # a full-resolution mammography patch classifier
+        return _evaluate_mammo(model, data, split, checkpoint, batch_size, progress)
     source = open_data(data)
     cases = source.cases()
     if split == "val":
@@ -167,3 +170,27 @@ def evaluate(
         "data": source.description,
         "mirror": list(mirror),
     }
+
+
+def _evaluate_mammo(
+    model: nn.Module, data: Any, split: str, checkpoint: Any, batch_size: int, progress: Progress
+) -> dict[str, Any]:
+    """Sliding-window image-level evaluation of a mammography patch classifier (see :mod:`napari_medssl.mammo`)."""
+    if split != "all":
+        raise ValueError("mammography patch classifiers are evaluated on a whole folder: use --split all")
+    if not (Path(data) / "labels.csv").is_file():
+        raise ValueError(f"{data}: a mammography model needs a mini-MIAS-format folder (images + labels.csv)")
+    res = mammo.evaluate_folder(model, data, batch_size, next(model.parameters()).device, progress)
+    names = (getattr(model, "checkpoint_extra", None) or {}).get("class_names") or ["normal", "abnormal"]
+    return {
+        "metrics": res["metrics"],
+        "task": model.task,
+        "split": split,
+        "n_cases": len(res["per_image"]),
+        "label_names": {str(i): n for i, n in enumerate(names)},
+        "model": str(checkpoint) if checkpoint else type(model).__name__,
+        "data": str(Path(data).absolute()),
+        "pipeline": res["pipeline"],
+        "per_image": res["per_image"],
+    }
+

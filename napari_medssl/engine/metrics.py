@@ -123,3 +123,24 @@ def classification_metrics(probs: np.ndarray, target: np.ndarray) -> dict[str, f
         "auc": auc,
         "n_samples": float(len(target)),
     }
+
+
+def bootstrap_auc(
+    scores: np.ndarray, labels: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """AUC and its bootstrap 95 % interval, resampling groups (patients, women) with replacement."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    auc = roc_auc(scores, labels)
+    uniq = sorted(set(groups))
+    members = {g: np.array([i for i, h in enumerate(groups) if h == g]) for g in uniq}
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        pick = np.concatenate([members[uniq[j]] for j in rng.integers(0, len(uniq), len(uniq))])
+        if labels[pick].all() or not labels[pick].any():
+            continue
+        vals.append(roc_auc(scores[pick], labels[pick]))
+    if not vals:
+        return float(auc), float("nan"), float("nan")
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return float(auc), float(lo), float(hi)

@@ -1,0 +1,153 @@
+"""Patch-level mammography training: self-supervised pretraining, patch classifiers, woman-grouped folds.
+
+Works on :class:`~napari_medssl.mammo.PatchSampler` batches (full-resolution breast patches) instead of the
+engine's whole-image samples; ``scripts/mammo_cv.py`` drives it for the cross-validated comparison and the
+zoo models. Every run is a fixed number of steps (AdamW, linear warm-up, cosine decay): nothing is selected
+on a held-out fold.
+
+- :data:`METHODS`: the four compared models (same encoder width/depth/token count, 128² patches at 200 µm):
+  MIRAM (encoder on the 64² low-resolution view, patch 4; Nyström decoder reconstructing the 128² patch as
+  32 × 32 = 1024 tokens), MAE and MSMAE (patch 8 on the 128² patch), and a from-scratch ViT.
+- :func:`pretrain` / :func:`finetune`: the loops; :func:`classifier_from` builds the classifier of a method,
+  initialised from its pretrained weights.
+- :func:`woman_folds`: k folds of women (both images of a woman in one fold), abnormal women spread evenly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_medssl.mammo import PatchSampler
+from napari_medssl.models.registry import create_model
+
+_ENC = dict(embed_dim=128, depth=4, num_heads=4, in_chans=1)
+_DEC = dict(decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "miram": (
+        "miram_tiny",
+        dict(
+            img_size=128, scale=2, patch_size=4, hr_decoder_embed_dim=64, hr_decoder_depth=1,
+            hr_decoder_num_heads=4, hr_attention="nystrom", hr_attention_kw={"num_landmarks": 32},
+            **_ENC, **_DEC,
+        ),
+    ),
+    "mae": ("mae_tiny", dict(img_size=128, patch_size=8, **_ENC, **_DEC)),
+    "msmae": ("msmae_tiny", dict(img_size=128, patch_size=8, **_ENC, **_DEC)),
+    "scratch": ("vit_tiny", dict(img_size=128, patch_size=8, **_ENC)),
+}
+
+Log = Callable[[str], Any] | None
+
+
+def _schedule(opt: torch.optim.Optimizer, lr: float, step: int, total: int, warmup: int) -> None:
+    if step < warmup:
+        f = (step + 1) / warmup
+    else:
+        f = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for g in opt.param_groups:
+        g["lr"] = lr * f
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build(method: str, num_classes: int = 0) -> torch.nn.Module:
+    """The method's model (``num_classes=0``: for pretraining; 2: a patch classifier)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    name, cfg = METHODS[method]
+    return create_model(name, **cfg, num_classes=num_classes)
+
+
+def _loop(
+    model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], steps: int, lr: float, warmup: int,
+    weight_decay: float, log: Log, what: str,
+) -> list[float]:
+    opt = _optimizer(model, lr, weight_decay)
+    model.train()
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        _schedule(opt, lr, step, steps, warmup)
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if hasattr(model, "on_train_step"):
+            model.on_train_step(step + 1, steps)
+        losses.append(float(loss.detach()))
+        if log is not None and ((step + 1) % 25 == 0 or step + 1 == steps):
+            log(f"{what} step {step + 1}/{steps} loss {np.mean(losses[-25:]):.4f} ({time.time() - t0:.0f} s)")
+    model.eval()
+    return losses
+
+
+def pretrain(
+    method: str, sampler: PatchSampler, steps: int, batch_size: int = 32, lr: float = 1e-3, warmup: int = 20,
+    weight_decay: float = 0.05, log: Log = None,
+) -> torch.nn.Module:
+    """Self-supervised pretraining of a method on unlabelled breast patches (its own objective)."""
+    model = build(method, 0)
+    if not hasattr(model, "pretrain_loss"):
+        raise ValueError(f"{method} has no self-supervised objective")
+
+    def loss() -> torch.Tensor:
+        x, _ = sampler.batch(batch_size, labelled=False)
+        return model.pretrain_loss(x)["loss"]
+
+    _loop(model, loss, steps, lr, warmup, weight_decay, log, f"pretrain {method}")
+    return model
+
+
+def classifier_from(method: str, pretrained: torch.nn.Module | None) -> torch.nn.Module:
+    """A 2-class patch classifier of ``method``; the pretrained weights that fit are copied in (the head and
+    anything of another shape start fresh)."""
+    model = build(method, 2)
+    if pretrained is not None:
+        own = model.state_dict()
+        fit = {k: v for k, v in pretrained.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(fit, strict=False)
+    return model
+
+
+def finetune(
+    model: torch.nn.Module, sampler: PatchSampler, steps: int, batch_size: int = 32, lr: float = 5e-4,
+    warmup: int = 10, weight_decay: float = 0.05, log: Log = None, what: str = "finetune",
+) -> torch.nn.Module:
+    """Train a patch classifier: finding patches (1) vs normal-tissue patches (0), cross-entropy."""
+
+    def loss() -> torch.Tensor:
+        x, y = sampler.batch(batch_size, labelled=True)
+        return F.cross_entropy(model(x), y)
+
+    _loop(model, loss, steps, lr, warmup, weight_decay, log, what)
+    return model
+
+
+def woman_folds(ids: list[str], women: list[str], abnormal: list[bool], k: int = 5, seed: int = 0) -> list[int]:
+    """The fold (0..k-1) of each image: women shuffled, abnormal women dealt round-robin first, then the rest,
+    so every fold holds about the same number of abnormal women and a woman's images share one fold."""
+    if k < 2:
+        raise ValueError(f"need k >= 2 folds, got {k}")
+    by_woman: dict[str, bool] = {}
+    for w, a in zip(women, abnormal):
+        by_woman[w] = by_woman.get(w, False) or bool(a)
+    if len(by_woman) < k:
+        raise ValueError(f"{len(by_woman)} women cannot fill {k} folds")
+    rng = np.random.default_rng(seed)
+    names = sorted(by_woman)
+    order = [names[i] for i in rng.permutation(len(names))]
+    ranked = [w for w in order if by_woman[w]] + [w for w in order if not by_woman[w]]
+    fold_of = {w: i % k for i, w in enumerate(ranked)}
+    return [fold_of[w] for w in women]
