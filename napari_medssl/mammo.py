@@ -207,7 +207,11 @@ class PatchSampler:
     """
 
     def __init__(
-        self, images: list[MammoImage], patch: int = 128, finding_fraction: float = 0.5, jitter: int = 32,
+        self,
+        images: list[MammoImage],
+        patch: int = 128,
+        finding_fraction: float = 0.5,
+        jitter: int = 32,
         seed: int = 0,
     ) -> None:
         self.images, self.patch, self.fraction = images, patch, finding_fraction
@@ -298,17 +302,21 @@ def aggregate(probs: np.ndarray, how: str = "topk", k: int = 3) -> float:
 
 @torch.no_grad()
 def window_probabilities(
-    model: torch.nn.Module, windows: np.ndarray, batch_size: int = 32, device: torch.device | None = None,
-    cancel: Callable[[], bool] | None = None,
+    model: torch.nn.Module,
+    windows: np.ndarray,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    cancel: Any = None,
 ) -> np.ndarray:
-    """Abnormal-class probability of each ``(N, p, p)`` window (the model's last class)."""
+    """Abnormal-class probability of each ``(N, p, p)`` window (the model's last class); ``cancel``: a
+    ``threading.Event`` or a callable, checked between batches."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     try:
         for i in range(0, len(windows), batch_size):
-            if cancel is not None and cancel():
+            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
                 from napari_medssl.inference import Cancelled
 
                 raise Cancelled("cancelled")
@@ -357,7 +365,7 @@ def score_crop(
     pipeline: dict[str, Any] | None = None,
     batch_size: int = 32,
     device: torch.device | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Any = None,
 ) -> dict[str, Any]:
     """Sliding windows over a :class:`BreastCrop`, then a finer look around the best ones.
 
@@ -402,7 +410,7 @@ def score_image(
     pipeline: dict[str, Any] | None = None,
     batch_size: int = 32,
     device: torch.device | None = None,
-    cancel: Callable[[], bool] | None = None,
+    cancel: Any = None,
 ) -> dict[str, Any]:
     """Whole-image abnormality from patches: crop, sliding windows, aggregate, heatmap.
 
@@ -449,8 +457,16 @@ def evaluate_folder(
         res = score_crop(model, im.crop, pipe, batch_size, device)
         hit = inside_finding(res["peak"], im.findings, int(pipe["finding_margin"])) if im.findings else None
         y0, _, x0, _ = im.crop.box
-        rows.append({"id": stem, "woman": im.woman, "abnormal": im.abnormal, "score": res["score"],
-                     "peak": [res["peak"][0] + y0, res["peak"][1] + x0], "peak_hit": hit})
+        rows.append(
+            {
+                "id": stem,
+                "woman": im.woman,
+                "abnormal": im.abnormal,
+                "score": res["score"],
+                "peak": [res["peak"][0] + y0, res["peak"][1] + x0],
+                "peak_hit": hit,
+            }
+        )
         if progress is not None:
             progress(n + 1, len(ids))
     labels = np.array([r["abnormal"] for r in rows])
@@ -468,3 +484,13 @@ def evaluate_folder(
         "n_marked": float(len(hits)),
     }
     return {"metrics": metrics, "per_image": rows, "pipeline": pipe}
+
+
+def heatmap_colormap(color: tuple[float, float, float] = (1.0, 0.2, 0.0)) -> np.ndarray:
+    """RGBA control points ``(4, 4)`` for showing a heatmap over the mammogram: transparent below 0.2, then
+    rising opacity to 0.8 at 1, so low scores leave the image readable and high ones stand out."""
+    r, g, b = color
+    return np.array([[r, g, b, 0.0], [r, g, b, 0.0], [r, min(1.0, g + 0.5), b, 0.5], [1.0, 1.0, 0.2, 0.8]])
+
+
+HEATMAP_CONTROLS = np.array([0.0, 0.2, 0.6, 1.0])

@@ -131,25 +131,55 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
         torch.manual_seed(args.seed + f)
         model = mt.classifier_from(method, pre)
         sampler = mammo.PatchSampler(train, seed=args.seed + 100 + f)
-        mt.finetune(model, sampler, args.finetune_steps, args.batch_size, lr=args.lr,
-                    log=lambda m: log(m, out), what=f"{method} fold {f}")
-        save_model(model, mdir / f"fold{f}.safetensors", checkpoint_extra(method, args, [i.id for i in train], pre is not None))
+        mt.finetune(
+            model,
+            sampler,
+            args.finetune_steps,
+            args.batch_size,
+            lr=args.lr,
+            log=lambda m: log(m, out),
+            what=f"{method} fold {f}",
+        )
+        save_model(
+            model,
+            mdir / f"fold{f}.safetensors",
+            checkpoint_extra(method, args, [i.id for i in train], pre is not None),
+        )
         fold_rows = [dict(r, fold=f) for r in evaluate_fold(model, test)]
         fold_json.write_text(json.dumps(fold_rows))
         rows += fold_rows
-        log(f"{method} fold {f}: {summarise(fold_rows) if len({r['abnormal'] for r in fold_rows}) > 1 else ''}", out)
-    summary = {"method": method, **summarise(rows), "folds": args.folds,
-               "pretrain_steps": 0 if method == "scratch" else args.pretrain_steps,
-               "finetune_steps": args.finetune_steps, "batch_size": args.batch_size}
+        log(
+            f"{method} fold {f}: {summarise(fold_rows) if len({r['abnormal'] for r in fold_rows}) > 1 else ''}",
+            out,
+        )
+    summary = {
+        "method": method,
+        **summarise(rows),
+        "folds": args.folds,
+        "pretrain_steps": 0 if method == "scratch" else args.pretrain_steps,
+        "finetune_steps": args.finetune_steps,
+        "batch_size": args.batch_size,
+    }
     (mdir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"SUMMARY {json.dumps(summary)}", out)
     if args.final and not (mdir / "final.safetensors").is_file():
         torch.manual_seed(args.seed)
         model = mt.classifier_from(method, pre)
         sampler = mammo.PatchSampler(images, seed=args.seed + 99)
-        mt.finetune(model, sampler, args.finetune_steps, args.batch_size, lr=args.lr,
-                    log=lambda m: log(m, out), what=f"{method} final")
-        save_model(model, mdir / "final.safetensors", checkpoint_extra(method, args, [i.id for i in images], pre is not None))
+        mt.finetune(
+            model,
+            sampler,
+            args.finetune_steps,
+            args.batch_size,
+            lr=args.lr,
+            log=lambda m: log(m, out),
+            what=f"{method} final",
+        )
+        save_model(
+            model,
+            mdir / "final.safetensors",
+            checkpoint_extra(method, args, [i.id for i in images], pre is not None),
+        )
     return summary
 
 
@@ -157,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="mini-MIAS-format folder (labels.csv + images)")
     ap.add_argument("--out", required=True, help="run folder")
-    ap.add_argument("--methods", nargs="+", default=["miram", "scratch", "mae", "msmae"], choices=sorted(mt.METHODS))
+    ap.add_argument(
+        "--methods", nargs="+", default=["miram", "scratch", "mae", "msmae"], choices=sorted(mt.METHODS)
+    )
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--pretrain-steps", type=int, default=250)
     ap.add_argument("--finetune-steps", type=int, default=100)
@@ -179,11 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         cache.write_bytes(pickle.dumps(images))
     if args.limit:
         images = images[: args.limit]
-    folds = mt.woman_folds([i.id for i in images], [i.woman for i in images], [i.abnormal for i in images],
-                           args.folds, args.seed)
+    folds = mt.woman_folds(
+        [i.id for i in images], [i.woman for i in images], [i.abnormal for i in images], args.folds, args.seed
+    )
     (out / "folds.json").write_text(json.dumps({i.id: k for i, k in zip(images, folds)}, indent=0))
-    log(f"{len(images)} images, {sum(i.abnormal for i in images)} abnormal, folds {np.bincount(folds).tolist()}",
-        out)
+    log(
+        f"{len(images)} images, {sum(i.abnormal for i in images)} abnormal, folds {np.bincount(folds).tolist()}",
+        out,
+    )
     results = [run_method(m, images, folds, args, out) for m in args.methods]
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return 0

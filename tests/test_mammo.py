@@ -107,8 +107,9 @@ def test_sliding_window_heatmap_peaks_on_the_finding() -> None:
 
 def _tiny_classifier(path: Path) -> Path:
     torch.manual_seed(0)
-    model = create_model("vit_tiny", img_size=128, patch_size=32, embed_dim=32, depth=1, num_heads=2,
-                         num_classes=2)
+    model = create_model(
+        "vit_tiny", img_size=128, patch_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=2
+    )
     extra = {"task": "classify", "class_names": ["normal", "abnormal"], "mammo": dict(mammo.DEFAULT_PIPELINE)}
     return save_model(model, path, extra)
 
@@ -116,16 +117,42 @@ def _tiny_classifier(path: Path) -> Path:
 def test_predict_heatmap_on_the_input_grid(mias: Path, test_output: Path, capsys) -> None:
     out = test_output / "mammo_predict"
     ckpt = _tiny_classifier(out / "tiny.safetensors")
-    rc = cli_main(["predict", "--model", str(ckpt), "--input", str(mias / "mdb005.png"), "--output",
-                   str(out / "p.json"), "--heatmap", str(out / "h.tif"), "--device", "cpu"])
+    rc = cli_main(
+        [
+            "predict",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(mias / "mdb005.png"),
+            "--output",
+            str(out / "p.json"),
+            "--heatmap",
+            str(out / "h.tif"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     probs = json.loads((out / "p.json").read_text())["mdb005.png"]["probabilities"]
     assert set(probs) == {"normal", "abnormal"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
     heat = tifffile.imread(out / "h.tif")
     assert heat.shape == (1024, 1024) and heat.dtype == np.float32
     assert heat.max() > 0 and heat[:, :40].max() == 0  # zero on the padding beside the breast
-    rc = cli_main(["predict", "--model", str(ckpt), "--input", str(mias / "mdb005.png"), "--output",
-                   str(out / "p.json"), "--heatmap", str(out / "h.png"), "--device", "cpu"])
+    rc = cli_main(
+        [
+            "predict",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(mias / "mdb005.png"),
+            "--output",
+            str(out / "p.json"),
+            "--heatmap",
+            str(out / "h.png"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 1 and ".tif" in capsys.readouterr().err
 
 
@@ -143,8 +170,12 @@ def test_evaluate_auc_on_a_tiny_folder(mias: Path, test_output: Path) -> None:
         shutil.copy(mias / name, folder / name)
     ckpt = _tiny_classifier(folder.parent / "mammo_tiny.safetensors")
     out = folder.parent / "mammo_eval.json"
-    assert cli_main(["evaluate", "--model", str(ckpt), "--data", str(folder), "--out", str(out),
-                     "--device", "cpu"]) == 0
+    assert (
+        cli_main(
+            ["evaluate", "--model", str(ckpt), "--data", str(folder), "--out", str(out), "--device", "cpu"]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     m = res["metrics"]
     assert m["n_images"] == 4 and m["n_abnormal"] == 2 and m["n_marked"] == 2
@@ -174,8 +205,12 @@ def test_woman_folds_never_split_a_woman(mias: Path) -> None:
 def test_bootstrap_auc_resamples_groups() -> None:
     auc, lo, hi = bootstrap_auc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([1, 1, 0, 0]), ["a", "b", "c", "d"])
     assert (auc, lo, hi) == (1.0, 1.0, 1.0)
-    auc, lo, hi = bootstrap_auc(np.r_[np.linspace(0, 1, 20), np.linspace(0.2, 1.2, 20)],
-                                np.r_[np.zeros(20), np.ones(20)], [str(i) for i in range(40)], n=300)
+    auc, lo, hi = bootstrap_auc(
+        np.r_[np.linspace(0, 1, 20), np.linspace(0.2, 1.2, 20)],
+        np.r_[np.zeros(20), np.ones(20)],
+        [str(i) for i in range(40)],
+        n=300,
+    )
     assert lo < auc < hi
 
 

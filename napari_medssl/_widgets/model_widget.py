@@ -138,8 +138,11 @@ def run_model(
 
     ``mirror``: segmenters average with copies mirrored along these axes (test-time augmentation, see
     :mod:`napari_medssl.inference`; the dock passes the axes the model's training flipped)."""
-    from napari_medssl import inference
+    from napari_medssl import inference, mammo
 
+    if getattr(model, "task", None) == "classify" and mammo.pipeline_of(model) is not None:
+        res = mammo.score_image(model, image, mammo.pipeline_of(model), cancel=cancel)
+        return {"probabilities": np.array([1 - res["score"], res["score"]]), "heatmap": res["heatmap"]}
     kw = dict(device=device, rgb=rgb, progress=progress_cb, cancel=cancel)
     if getattr(model, "task", None) == "classify":
         return inference.classify(model, image, **kw)
@@ -399,7 +402,10 @@ class ModelWidget(QWidget):
         """Put a finished result into the dock and the viewer (GUI thread)."""
         self.last_result = out
         names = class_names(model, self._card())
-        if getattr(model, "task", None) == "classify":
+        if isinstance(out, dict):  # a mammography patch classifier: probabilities and an abnormality map
+            self._show_probabilities(layer, job, out["probabilities"], names)
+            self._show_heatmap(layer, out["heatmap"])
+        elif getattr(model, "task", None) == "classify":
             self._show_probabilities(layer, job, out, names)
         else:
             self._show_labels(layer, job, out, names)
@@ -450,6 +456,22 @@ class ModelWidget(QWidget):
             **layer.metadata,
             "medssl": {**layer.metadata.get("medssl", {}), "classification": result},
         }
+
+    def _show_heatmap(self, layer: Image, heat: np.ndarray) -> None:
+        """The abnormality map over the image: transparent where low (see ``mammo.heatmap_colormap``)."""
+        from napari.utils.colormaps import Colormap
+
+        from napari_medssl import mammo
+
+        name = f"{layer.name} abnormality"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        cmap = Colormap(mammo.heatmap_colormap(), controls=mammo.HEATMAP_CONTROLS, name="medssl_abnormality")
+        self.viewer.add_image(
+            heat, name=name, colormap=cmap, contrast_limits=(0.0, 1.0), blending="translucent",
+            scale=layer.scale, translate=layer.translate,
+            metadata={"medssl": {"method": "abnormality heatmap", "model": self.source()}},  # an overlay
+        )
 
     def _show_labels(self, layer: Image, job: dict[str, Any], labels: np.ndarray, names: list[str]) -> None:
         shape = tuple(layer.data.shape[: layer.ndim])

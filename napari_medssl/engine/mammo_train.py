@@ -33,9 +33,16 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "miram": (
         "miram_tiny",
         dict(
-            img_size=128, scale=2, patch_size=4, hr_decoder_embed_dim=64, hr_decoder_depth=1,
-            hr_decoder_num_heads=4, hr_attention="nystrom", hr_attention_kw={"num_landmarks": 32},
-            **_ENC, **_DEC,
+            img_size=128,
+            scale=2,
+            patch_size=4,
+            hr_decoder_embed_dim=64,
+            hr_decoder_depth=1,
+            hr_decoder_num_heads=4,
+            hr_attention="nystrom",
+            hr_attention_kw={"num_landmarks": 32},
+            **_ENC,
+            **_DEC,
         ),
     ),
     "mae": ("mae_tiny", dict(img_size=128, patch_size=8, **_ENC, **_DEC)),
@@ -71,8 +78,14 @@ def build(method: str, num_classes: int = 0) -> torch.nn.Module:
 
 
 def _loop(
-    model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], steps: int, lr: float, warmup: int,
-    weight_decay: float, log: Log, what: str,
+    model: torch.nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    steps: int,
+    lr: float,
+    warmup: int,
+    weight_decay: float,
+    log: Log,
+    what: str,
 ) -> list[float]:
     opt = _optimizer(model, lr, weight_decay)
     model.train()
@@ -94,8 +107,14 @@ def _loop(
 
 
 def pretrain(
-    method: str, sampler: PatchSampler, steps: int, batch_size: int = 32, lr: float = 1e-3, warmup: int = 20,
-    weight_decay: float = 0.05, log: Log = None,
+    method: str,
+    sampler: PatchSampler,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup: int = 20,
+    weight_decay: float = 0.05,
+    log: Log = None,
 ) -> torch.nn.Module:
     """Self-supervised pretraining of a method on unlabelled breast patches (its own objective)."""
     model = build(method, 0)
@@ -122,8 +141,15 @@ def classifier_from(method: str, pretrained: torch.nn.Module | None) -> torch.nn
 
 
 def finetune(
-    model: torch.nn.Module, sampler: PatchSampler, steps: int, batch_size: int = 32, lr: float = 5e-4,
-    warmup: int = 10, weight_decay: float = 0.05, log: Log = None, what: str = "finetune",
+    model: torch.nn.Module,
+    sampler: PatchSampler,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    warmup: int = 10,
+    weight_decay: float = 0.05,
+    log: Log = None,
+    what: str = "finetune",
 ) -> torch.nn.Module:
     """Train a patch classifier: finding patches (1) vs normal-tissue patches (0), cross-entropy."""
 
@@ -135,7 +161,9 @@ def finetune(
     return model
 
 
-def woman_folds(ids: list[str], women: list[str], abnormal: list[bool], k: int = 5, seed: int = 0) -> list[int]:
+def woman_folds(
+    ids: list[str], women: list[str], abnormal: list[bool], k: int = 5, seed: int = 0
+) -> list[int]:
     """The fold (0..k-1) of each image: women shuffled, abnormal women dealt round-robin first, then the rest,
     so every fold holds about the same number of abnormal women and a woman's images share one fold."""
     if k < 2:
