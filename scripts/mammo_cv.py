@@ -105,6 +105,27 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+def train_classifier(
+    method: str,
+    pre: torch.nn.Module | None,
+    train: list[mammo.MammoImage],
+    seed: int,
+    path: Path,
+    args: argparse.Namespace,
+    out: Path,
+) -> torch.nn.Module:
+    """Fine-tune ``method``'s patch classifier (from ``pre``) on ``train`` and save it to ``path``."""
+    torch.manual_seed(seed)
+    model = mt.classifier_from(method, pre)
+    sampler = mammo.PatchSampler(train, seed=seed + 100)
+    what = f"{method} {path.stem}"
+    mt.finetune(
+        model, sampler, args.finetune_steps, args.batch_size, lr=args.lr, log=lambda m: log(m, out), what=what
+    )
+    save_model(model, path, checkpoint_extra(method, args, [i.id for i in train], pre is not None))
+    return model
+
+
 def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], args, out: Path) -> dict:
     mdir = out / method
     mdir.mkdir(parents=True, exist_ok=True)
@@ -128,23 +149,7 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
             continue
         train = [im for im, k in zip(images, folds) if k != f]
         test = [im for im, k in zip(images, folds) if k == f]
-        torch.manual_seed(args.seed + f)
-        model = mt.classifier_from(method, pre)
-        sampler = mammo.PatchSampler(train, seed=args.seed + 100 + f)
-        mt.finetune(
-            model,
-            sampler,
-            args.finetune_steps,
-            args.batch_size,
-            lr=args.lr,
-            log=lambda m: log(m, out),
-            what=f"{method} fold {f}",
-        )
-        save_model(
-            model,
-            mdir / f"fold{f}.safetensors",
-            checkpoint_extra(method, args, [i.id for i in train], pre is not None),
-        )
+        model = train_classifier(method, pre, train, args.seed + f, mdir / f"fold{f}.safetensors", args, out)
         fold_rows = [dict(r, fold=f) for r in evaluate_fold(model, test)]
         fold_json.write_text(json.dumps(fold_rows))
         rows += fold_rows
@@ -163,23 +168,7 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
     (mdir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"SUMMARY {json.dumps(summary)}", out)
     if args.final and not (mdir / "final.safetensors").is_file():
-        torch.manual_seed(args.seed)
-        model = mt.classifier_from(method, pre)
-        sampler = mammo.PatchSampler(images, seed=args.seed + 99)
-        mt.finetune(
-            model,
-            sampler,
-            args.finetune_steps,
-            args.batch_size,
-            lr=args.lr,
-            log=lambda m: log(m, out),
-            what=f"{method} final",
-        )
-        save_model(
-            model,
-            mdir / "final.safetensors",
-            checkpoint_extra(method, args, [i.id for i in images], pre is not None),
-        )
+        train_classifier(method, pre, images, args.seed + 1000, mdir / "final.safetensors", args, out)
     return summary
 
 

@@ -114,46 +114,22 @@ def _tiny_classifier(path: Path) -> Path:
     return save_model(model, path, extra)
 
 
+def _predict(ckpt: Path, image: Path, out: Path, heatmap: Path) -> int:
+    args = ["predict", "--model", str(ckpt), "--input", str(image), "--output", str(out / "p.json")]
+    return cli_main([*args, "--heatmap", str(heatmap), "--device", "cpu"])
+
+
 def test_predict_heatmap_on_the_input_grid(mias: Path, test_output: Path, capsys) -> None:
     out = test_output / "mammo_predict"
     ckpt = _tiny_classifier(out / "tiny.safetensors")
-    rc = cli_main(
-        [
-            "predict",
-            "--model",
-            str(ckpt),
-            "--input",
-            str(mias / "mdb005.png"),
-            "--output",
-            str(out / "p.json"),
-            "--heatmap",
-            str(out / "h.tif"),
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
+    assert _predict(ckpt, mias / "mdb005.png", out, out / "h.tif") == 0
     probs = json.loads((out / "p.json").read_text())["mdb005.png"]["probabilities"]
     assert set(probs) == {"normal", "abnormal"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
     heat = tifffile.imread(out / "h.tif")
     assert heat.shape == (1024, 1024) and heat.dtype == np.float32
     assert heat.max() > 0 and heat[:, :40].max() == 0  # zero on the padding beside the breast
-    rc = cli_main(
-        [
-            "predict",
-            "--model",
-            str(ckpt),
-            "--input",
-            str(mias / "mdb005.png"),
-            "--output",
-            str(out / "p.json"),
-            "--heatmap",
-            str(out / "h.png"),
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 1 and ".tif" in capsys.readouterr().err
+    assert _predict(ckpt, mias / "mdb005.png", out, out / "h.png") == 1
+    assert ".tif" in capsys.readouterr().err
 
 
 def test_evaluate_auc_on_a_tiny_folder(mias: Path, test_output: Path) -> None:
