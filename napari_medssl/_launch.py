@@ -1,4 +1,4 @@
-"""``python -m napari_medssl``: napari with the plugin's three docks, a real image and a trained model.
+"""``python -m napari_medssl``: napari with the plugin's docks, a real image and a trained model.
 
 By default the hippocampus MRI sample (from ``$MEDSSL_DATA_DIR``, else the public archive) is opened with its
 labels, the Model dock selects a trained zoo segmenter for it (only one whose card's domain fits the image:
@@ -17,7 +17,7 @@ from typing import Any
 
 from napari_medssl._gl_guard import keep_triton_out
 
-DOCKS = ("Model", "Attention & masking", "Fine-tune")
+DOCKS = ("Model", "Attention & masking", "Fine-tune", "Where to paint next")
 PLUGIN = "napari-medssl"
 
 
@@ -138,7 +138,7 @@ def open_layers(viewer: Any, args: argparse.Namespace) -> Any:
 
 
 def setup(viewer: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Open the image, dock the three widgets and select a model that fits the image (by its card's domain;
+    """Open the image, dock the widgets and select a model that fits the image (by its card's domain;
     none, with a warning, when no shipped model fits); return the docks by name."""
     from napari.utils.notifications import show_warning
 

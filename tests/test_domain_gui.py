@@ -1,10 +1,12 @@
 """The launcher and the Model dock on a study no shipped model fits (a TCIA brain MR series): nothing is
 auto-selected, a warning says why, and the dock shows the misfit of a model picked by hand (screenshot
-``widget_domain_misfit.png``). Run under ``xvfb-run -a``."""
+``widget_domain_misfit.png``); the "Where to paint next" dock's overlay and ranking (``widget_paint_next.png``).
+Run under ``xvfb-run -a``."""
 
 from __future__ import annotations
 
 import napari.utils.notifications
+import numpy as np
 import pytest
 
 from napari_medssl import _launch
@@ -53,3 +55,38 @@ def test_launch_on_a_tcia_study_selects_no_model_and_the_dock_warns_of_a_misfit(
     hippo = viewer.open(str(crop), plugin="napari-medssl")
     mw.image_combo.setCurrentText(hippo[0].name)
     assert mw.domain_fit().fits and "fits this image" in mw.fit_label.text()
+
+
+def test_paint_next_dock_overlays_uncertainty_and_ranks_unpainted_slices(
+    make_napari_viewer, qtbot, data_dir, test_output
+):
+    from napari_medssl._widgets import ModelWidget, PaintNextWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.open(
+        str(data_dir / "hippocampus/imagesTr/hippocampus_001.nii.gz"), plugin="napari-medssl"
+    )[0]
+    mw, pw = ModelWidget(viewer), PaintNextWidget(viewer)
+    viewer.window.add_dock_widget(mw, name="Model")
+    viewer.window.add_dock_widget(pw, name="Where to paint next", tabify=False)
+    mw.select("unet_tiny_hippocampus", device="cpu")
+    assert pw.model_label.text() == "unet_tiny_hippocampus"
+    painted = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="annotations", scale=image.scale)
+    painted.data[17, 10:20, 10:20] = 1
+    pw.image_combo.setCurrentText(image.name)
+    pw.ann_combo.setCurrentText("annotations")
+    pw.run()
+    qtbot.waitUntil(lambda: pw._worker is None, timeout=120_000)
+    overlay = viewer.layers[f"{image.name} uncertainty"]
+    assert overlay.data.shape == image.data.shape and overlay.blending == "translucent"
+    assert overlay.colormap.colors[0][3] == 0  # transparent where the model is sure
+    assert overlay.metadata["medssl"]["method"].startswith("uncertainty (tta")
+    ranked = [i for i, _ in pw.ranking]
+    assert 17 not in ranked and len(ranked) == image.data.shape[0] - 1
+    assert pw.slice_list.count() == 10 and pw.slice_list.item(0).text().startswith(f"1. slice {ranked[0]}:")
+    pw.slice_list.setCurrentRow(0)
+    assert viewer.dims.current_step[0] == ranked[0]
+    qtbot.wait(300)
+    path = test_output / "widget_paint_next.png"
+    viewer.screenshot(str(path), canvas_only=False)
+    assert path.stat().st_size > 10_000

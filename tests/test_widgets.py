@@ -432,7 +432,7 @@ def test_launch_opens_docks_image_and_zoo_model_and_closing_stops_training(
     viewer = _launch.main(["--device", "cpu"], run=False)
     try:
         widgets = {name.split(" (")[0]: w for name, w in viewer.window.dock_widgets.items()}
-        assert set(widgets) == {"Model", "Attention & masking", "Fine-tune"}
+        assert set(widgets) == {"Model", "Attention & masking", "Fine-tune", "Where to paint next"}
         mw, fw = widgets["Model"], widgets["Fine-tune"]
         # the best hippocampus segmenter in the zoo that can be fine-tuned (ours, or a trained one in models/;
         # not the ensemble, which the Fine-tune dock does not train)
