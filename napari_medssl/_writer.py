@@ -1,4 +1,8 @@
-"""npe2 writers: a Labels layer → NIfTI on its source image's grid, or PNG/TIFF (thin adapter over ``io``)."""
+"""npe2 writers: a Labels layer → NIfTI on its source image's grid, DICOM SEG on its DICOM series, or PNG/TIFF.
+
+Thin adapters over ``io``; a prediction's provenance (``metadata["medssl"]["provenance"]``, set by the Model
+dock) goes into the SEG's header, or beside a NIfTI file as ``<file>.json``.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +19,19 @@ def write_labels_nifti(path: str, data: Any, attributes: dict[str, Any]) -> list
     """
     if not str(path).lower().endswith((".nii", ".nii.gz")):
         path = f"{path}.nii.gz"
-    return write_labels(
+    written = write_labels(
         path,
         data,
         attributes.get("metadata"),
         scale=attributes.get("scale"),
         translate=attributes.get("translate"),
     )
+    prov = ((attributes.get("metadata") or {}).get("medssl") or {}).get("provenance")
+    if prov:
+        from napari_medssl.provenance import write_sidecar
+
+        write_sidecar(written[0], prov)
+    return written
 
 
 def write_labels_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -29,3 +39,49 @@ def write_labels_image(path: str, data: Any, attributes: dict[str, Any]) -> list
     if not str(path).lower().endswith((".png", ".tif", ".tiff")):
         path = f"{path}.png"
     return write_labels(path, data, attributes.get("metadata"))
+
+
+def write_labels_dicom_seg(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """Write labels on a DICOM series as a DICOM SEG (``.dcm``) referencing that series.
+
+    The source series comes from the layer's metadata (labels predicted by the Model dock, read from a
+    SEG, or given the image's ``io.grid_metadata``); else from an image layer of the current viewer with
+    the same shape, scale and translate that was opened from DICOM by this plugin.
+    """
+    from napari_medssl.io.dicom_seg import seg_inputs, write_seg
+
+    if not str(path).lower().endswith(".dcm"):
+        path = f"{path}.dcm"
+    metadata = dict(attributes.get("metadata") or {})
+    if not (metadata.get("reference_files") or metadata.get("format") == "dicom"):
+        source = _source_image_metadata(data, attributes)
+        metadata.update({k: source[k] for k in ("files", "format", "header") if k in source})
+    files, kwargs = seg_inputs(metadata)
+    return [str(write_seg(path, data, files, **kwargs))]
+
+
+def _source_image_metadata(data: Any, attributes: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of the DICOM image layer these labels lie on in the current viewer (``{}`` if none)."""
+    import numpy as np
+
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt / no viewer: a headless write
+        return {}
+    if viewer is None:
+        return {}
+    shape = tuple(np.shape(data))
+    for layer in viewer.layers:
+        md = getattr(layer, "metadata", None) or {}
+        if (
+            md.get("format") == "dicom"
+            and md.get("files")
+            and type(layer).__name__ == "Image"
+            and tuple(layer.data.shape[: layer.ndim]) == shape
+            and np.allclose(layer.scale, attributes.get("scale", layer.scale))
+            and np.allclose(layer.translate, attributes.get("translate", layer.translate))
+        ):
+            return md
+    return {}

@@ -10,6 +10,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 \
     libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xfixes0 libxcb-xkb1 libfontconfig1 \
     libdbus-1-3 >/dev/null
+  # a real PACS for the DICOMweb tests: they start their own Orthanc on a free loopback port
+  if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+    apt-get install -y -q --no-install-recommends orthanc orthanc-dicomweb >/dev/null
+  fi
 fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

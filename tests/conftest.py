@@ -34,3 +34,12 @@ def test_output() -> Path:
     d = Path(os.environ.get("MEDSSL_TEST_OUTPUT", REPO / "test-output"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@pytest.fixture(scope="session")
+def orthanc_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real Orthanc PACS (DICOMweb root URL) for the session; fails, not skips, when Orthanc is missing."""
+    from helpers_orthanc import orthanc
+
+    with orthanc(tmp_path_factory.mktemp("orthanc")) as url:
+        yield url

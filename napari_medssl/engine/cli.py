@@ -1,4 +1,4 @@
-"""The ``medssl`` command line: pretrain, finetune, evaluate, predict, ensemble, and list models.
+"""The ``medssl`` command line: pretrain, finetune, evaluate, predict, ensemble, pacs, and list models.
 
 Every subcommand is a thin consumer of the library (:func:`napari_medssl.engine.train`,
 :func:`~napari_medssl.engine.evaluate.evaluate`, :mod:`napari_medssl.inference`). User errors (a bad value, a
@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .cli_pacs import cmd_pacs
+from .cli_pacs import register as register_pacs
 
 DESCRIPTION = """\
 Self-supervised medical-image models: pretrain, fine-tune, evaluate and predict.
@@ -225,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a NIfTI/PNG/TIFF file, a DICOM series folder, or a folder of NIfTI/PNG/TIFF files",
     )
     p.add_argument(
-        "--output", required=True, metavar="PATH", help="labels file, folder (several inputs) or .json"
+        "--output",
+        required=True,
+        metavar="PATH",
+        help="labels file (provenance beside it in PATH.json), .dcm (a DICOM SEG, for DICOM input), "
+        "folder (several inputs) or .json",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=8, help="slices/windows per forward pass")
@@ -277,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "models", help="list registered architectures", description="List registered architectures."
     )
+    register_pacs(sub)  # medssl pacs find|pull|push
     return parser
 
 
@@ -442,6 +450,15 @@ def _check_domain(model: Any, volume: Any, path: Path, args: argparse.Namespace)
     sys.stderr.write(f"medssl predict: warning: {path.name}: {fit.message}\n")
 
 
+def _provenance(model: Any, ckpt: Path, spec: str, path: Path, loaded: Any) -> dict[str, Any]:
+    """The provenance record of one prediction (model name as given, weights sha256, source series UID)."""
+    from napari_medssl import provenance
+
+    name = spec if not Path(spec).exists() else None  # a zoo name; a path names itself
+    uid = provenance.series_uid(loaded.metadata)
+    return provenance.record(model, checkpoint=ckpt, name=name, source=path, source_series_uid=uid)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """``predict``: labels files or a probabilities JSON."""
     from tqdm import tqdm
@@ -469,6 +486,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     output = Path(args.output)
     names = extra.get("class_names") or [str(i) for i in range(model.num_classes)]
     results: dict[str, Any] = {}
+    segment_codes = (zoo.card(args.model) if args.model in zoo.list_zoo() else {}).get("segment_codes")
     for path in tqdm(inputs, desc="predict", unit="file", dynamic_ncols=True, disable=len(inputs) < 2):
         loaded = readers.read_any(path)
         _check_domain(model, loaded, path, args)
@@ -484,13 +502,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if extra.get("label_values"):  # trained on remapped labels (painted 1..K): write those values
                 labels = np.asarray(extra["label_values"])[labels]
             target = output / f"{_stem(path)}.nii.gz" if len(inputs) > 1 or output.is_dir() else output
-            if len(inputs) == 1 and not (readers.is_nifti(target) or readers.is_image(target)):
+            if len(inputs) == 1 and not (
+                readers.is_nifti(target) or readers.is_image(target) or readers.is_dicom_output(target)
+            ):
                 raise ValueError(
-                    f"--output {output}: name a .nii.gz/.nii (or .png/.tif for 2D) file or a folder"
+                    f"--output {output}: name a .nii.gz/.nii (or .png/.tif for 2D, .dcm for a DICOM SEG) "
+                    "file or a folder"
                 )
-            results[path.name] = str(readers.write_labels(labels, loaded, target))
+            written = readers.write_prediction(
+                labels,
+                loaded,
+                target,
+                _provenance(model, ckpt, args.model, path, loaded),
+                names,
+                segment_codes=segment_codes,
+            )
+            results[path.name] = str(written)
         elif mammo.pipeline_of(model) is not None:  # full-resolution patches, sliding window, heatmap
             results[path.name] = _predict_mammogram(model, loaded.data, path, args, len(inputs), names)
+            results[path.name]["provenance"] = _provenance(model, ckpt, args.model, path, loaded)
         else:
             probs = inference.classify(
                 model, loaded.data, slice_axis=axis, batch_size=args.batch_size, rgb=loaded.rgb
@@ -501,6 +531,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 probs = probs.mean(0)
             entry["probabilities"] = {n: round(float(p), 6) for n, p in zip(names, probs)}
             entry["prediction"] = names[int(probs.argmax())]
+            entry["provenance"] = _provenance(model, ckpt, args.model, path, loaded)
             results[path.name] = entry
     if model.task == "classify":
         if output.suffix.lower() != ".json":
@@ -598,6 +629,7 @@ COMMANDS = {
     "ensemble": cmd_ensemble,
     "zoo": cmd_zoo,
     "models": cmd_models,
+    "pacs": cmd_pacs,
 }
 
 

@@ -86,3 +86,49 @@ def write_labels(labels: np.ndarray, like: Volume, path: str | os.PathLike) -> P
     meta.pop("rgb", None)
     written = io.write_labels(path, np.asarray(labels), meta)
     return Path(written[0])
+
+
+def is_dicom_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a DICOM file (``.dcm``): predictions go there as a DICOM SEG."""
+    return str(path).lower().endswith(".dcm")
+
+
+def write_prediction(
+    labels: np.ndarray,
+    like: Volume,
+    path: str | os.PathLike,
+    provenance: dict | None = None,
+    class_names: list[str] | None = None,
+    segment_codes: dict | None = None,
+) -> Path:
+    """Write predicted labels on the grid of ``like`` with their provenance.
+
+    ``.dcm`` writes a DICOM SEG referencing the DICOM series ``like`` was read from (provenance in its
+    header); any other suffix goes to :func:`write_labels`, with the provenance in ``<path>.json``.
+
+    Raises:
+        ValueError: ``.dcm`` asked for an input that is not a DICOM series.
+    """
+    from napari_medssl.provenance import write_sidecar
+
+    if is_dicom_output(path):
+        if like.metadata.get("format") != "dicom":
+            raise ValueError(
+                f"--output {path}: a DICOM SEG is written only for a DICOM series input; "
+                f"{like.metadata.get('source', 'the input')} is {like.metadata.get('format', 'not DICOM')} "
+                "(write .nii.gz instead)"
+            )
+        from napari_medssl.io.dicom_seg import write_seg
+
+        return write_seg(
+            path,
+            labels,
+            like.metadata["files"],
+            class_names=class_names,
+            segment_codes=segment_codes,
+            provenance=provenance,
+        )
+    written = write_labels(labels, like, path)
+    if provenance is not None:
+        write_sidecar(written, provenance)
+    return written

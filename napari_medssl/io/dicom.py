@@ -30,6 +30,7 @@ import numpy as np
 import pydicom
 
 from .dicom_files import DicomFile, collect_files, decode_frames, open_dicom
+from .dicom_seg import is_seg, read_seg
 from .volume import (
     MedicalImageReadError,
     MedicalImageReadWarning,
@@ -352,6 +353,7 @@ def read_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Vo
     skipped: list[dict[str, str]] = []
     files, root = collect_files(path, skipped)
     groups: dict[tuple, list[DicomFile]] = defaultdict(list)
+    segs: list[Path] = []  # DICOM SEG objects: read on their source series' grid (io.dicom_seg)
     for p in files:
         try:
             f = open_dicom(p)
@@ -359,6 +361,9 @@ def read_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Vo
             if len(files) == 1:
                 raise
             skipped.append({"path": str(p), "reason": err.reason})
+            continue
+        if is_seg(f.ds):
+            segs.append(p)
             continue
         groups[_group_key(f)].append(f)
     volumes: list[Volume] = []
@@ -376,6 +381,13 @@ def read_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Vo
                 raise
             if not any(s["path"] == err.path for s in skipped):
                 skipped.append({"path": err.path, "reason": err.reason})
+    for p in segs:
+        try:
+            volumes.append(read_seg(p, source=list(volumes)))
+        except MedicalImageReadError as err:
+            if len(files) == 1:
+                raise
+            skipped.append({"path": err.path, "reason": err.reason})
     if not volumes:
         if len(skipped) == 1:
             raise MedicalImageReadError(skipped[0]["path"], skipped[0]["reason"])

@@ -24,6 +24,8 @@ GRID_KEYS = (
     "header",
     "source",
     "format",
+    "files",
+    "reference_files",
 )
 """Metadata keys that describe where an array lies; copied onto labels painted on an image."""
 

@@ -1,0 +1,89 @@
+"""Provenance of a prediction: which model (name, weights sha256), which package version, which source.
+
+One record, :func:`record`, goes everywhere a prediction is written: the sidecar JSON beside a NIfTI/PNG/TIFF
+prediction (:func:`write_sidecar`: ``<output>.json``, e.g. ``pred.nii.gz.json``), the DICOM SEG's series
+description, content creator and algorithm fields (:mod:`napari_medssl.io.dicom_seg`), and the metadata of a
+predicted Labels layer in napari. Keys: ``model``, ``weights_sha256``, ``package``, ``package_version``,
+``source``, ``source_series_uid`` (``None`` for a non-DICOM input), ``created`` (UTC, ISO 8601).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SIDECAR_SUFFIX = ".json"
+"""A prediction ``X`` gets its provenance in ``X.json`` (``pred.nii.gz`` → ``pred.nii.gz.json``)."""
+
+
+def model_facts(
+    model: Any, checkpoint: str | os.PathLike | None = None, name: str | None = None
+) -> dict[str, str | None]:
+    """``{"model", "weights_sha256"}`` of a loaded model.
+
+    Uses ``model.spec`` (name/source and weights sha256) when the model carries one; else the zoo card
+    (``model.card``: name and ``weights.sha256``); else ``name`` (a zoo name) or the checkpoint's path,
+    with the checkpoint file's sha256.
+    """
+    spec = getattr(model, "spec", None)
+    if spec is not None and getattr(spec, "weights_sha256", None):
+        name = getattr(spec, "source", None) or getattr(spec, "name", None)
+        return {"model": str(name), "weights_sha256": str(spec.weights_sha256)}
+    card = getattr(model, "card", None) or {}
+    if card.get("name") and (card.get("weights") or {}).get("sha256"):
+        return {"model": str(card["name"]), "weights_sha256": str(card["weights"]["sha256"])}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        from napari_medssl.zoo import sha256_file
+
+        return {"model": name or str(checkpoint), "weights_sha256": sha256_file(checkpoint)}
+    config = getattr(model, "config", None) or {}
+    return {"model": name or str(config.get("name", type(model).__name__)), "weights_sha256": None}
+
+
+def record(
+    model: Any,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    name: str | None = None,
+    source: str | os.PathLike | None = None,
+    source_series_uid: str | None = None,
+) -> dict[str, Any]:
+    """The provenance record of one prediction (see the module docstring for its keys)."""
+    from napari_medssl import __version__
+
+    return {
+        **model_facts(model, checkpoint, name),
+        "package": "napari-medssl",
+        "package_version": __version__,
+        "source": None if source is None else str(source),
+        "source_series_uid": source_series_uid or None,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+    }
+
+
+def series_uid(metadata: dict[str, Any] | None) -> str | None:
+    """The DICOM SeriesInstanceUID of a volume or layer, from its metadata (``None`` when not DICOM)."""
+    header = (metadata or {}).get("header") or {}
+    uid = (
+        header.get("SeriesInstanceUID")
+        if str((metadata or {}).get("format", "")).startswith("dicom")
+        else None
+    )
+    return str(uid) if uid else None
+
+
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """Where the provenance of prediction ``output`` goes: ``<output>.json``."""
+    return Path(f"{os.fspath(output)}{SIDECAR_SUFFIX}")
+
+
+def write_sidecar(output: str | os.PathLike, prov: dict[str, Any]) -> Path:
+    """Write ``prov`` as ``<output>.json`` (atomically) and return that path."""
+    from napari_medssl._atomic import atomic_write
+
+    path = sidecar_path(output)
+    text = json.dumps(prov, indent=1)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
