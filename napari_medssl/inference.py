@@ -142,10 +142,7 @@ def resize(x: torch.Tensor, size: tuple[int, ...], mask: bool = False) -> torch.
 
 def model_window(model: nn.Module) -> tuple[int, ...] | None:
     """The spatial size a model wants: ``input_size``, else the ``sample_size`` it was trained on, else None."""
-    size = getattr(model, "input_size", None)
-    if size is None:
-        size = (getattr(model, "checkpoint_extra", None) or {}).get("sample_size")
-    return None if size is None else tuple(int(s) for s in size)
+    return model.spec.window
 
 
 def _autocast(device: torch.device) -> Any:
@@ -243,12 +240,7 @@ def _segment_batch(
 def training_flip_axes(model: nn.Module) -> tuple[int, ...]:
     """The spatial axes (negative, from the end) a checkpoint's training run flipped at random: the axes
     mirroring test-time augmentation may use. ``()`` when the run did not augment or nothing is recorded."""
-    if getattr(model, "is_ensemble", False):  # each member mirrors along its own axes (see segment_prepared)
-        return tuple(sorted({a for m in model.members for a in training_flip_axes(m)}))
-    cfg = (getattr(model, "checkpoint_extra", None) or {}).get("train_config") or {}
-    if not cfg or not cfg.get("augment", True):
-        return ()
-    return tuple(int(a) for a in cfg.get("flip_axes") or ())
+    return model.spec.flip_axes  # an ensemble: its members' axes (each mirrors along its own, see below)
 
 
 def _mirror_sets(axes: tuple[int, ...], dims: int) -> list[tuple[int, ...]]:
@@ -291,7 +283,7 @@ def segment_probabilities(
         cancel: a callable or ``threading.Event``; when it turns true, :class:`Cancelled` is raised.
     """
     dev = _on_device(model, device)
-    x = torch.from_numpy(prepare_image(image, getattr(model, "in_chans", 1), rgb))
+    x = torch.from_numpy(prepare_image(image, model.spec.in_chans, rgb))
     probs = segment_prepared(model, x, dev, slice_axis, batch_size, overlap, progress, cancel, mirror)
     return probs.numpy()
 
@@ -309,10 +301,10 @@ def segment_prepared(
 ) -> torch.Tensor:
     """Probabilities ``(K, *spatial)`` for a prepared image ``(C, *spatial)`` (see :func:`prepare_image`);
     ``mirror``: axes for mirroring test-time augmentation (see :func:`segment_probabilities`)."""
-    if getattr(model, "is_ensemble", False):
+    if model.spec.is_ensemble:
         return _segment_ensemble(model, x, device, slice_axis, batch_size, overlap, progress, cancel, mirror)
     dims = x.ndim - 1
-    model_dims = getattr(model, "spatial_dims", 2)
+    model_dims = model.spec.spatial_dims
     window = model_window(model)
     if model_dims == 3 and dims == 2:
         raise ValueError("a 3D model needs a (Z, Y, X) volume, got a 2D image")
@@ -399,9 +391,9 @@ def classify(
     """Class probabilities: ``(K,)`` for an image (or a volume with a 3D model), ``(N, K)`` per slice when a
     2D model gets a volume (slices along ``slice_axis``)."""
     dev = _on_device(model, device)
-    x = torch.from_numpy(prepare_image(image, getattr(model, "in_chans", 1), rgb))
+    x = torch.from_numpy(prepare_image(image, model.spec.in_chans, rgb))
     dims = x.ndim - 1
-    model_dims = getattr(model, "spatial_dims", 2)
+    model_dims = model.spec.spatial_dims
     per_slice = model_dims == 2 and dims == 3
     batch = x.movedim(slice_axis + 1, 0) if per_slice else x[None]
     probs = classify_batch(model, batch, dev, batch_size, progress, cancel)
@@ -442,7 +434,7 @@ def predict(model: nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
     Raises:
         ValueError: a model without a supervised head (task ``"pretrain"``).
     """
-    task = getattr(model, "task", None)
+    task = model.spec.task
     if task == "segment":
         return segment(model, image, **kwargs)
     if task == "classify":

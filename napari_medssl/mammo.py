@@ -54,8 +54,7 @@ DEFAULT_PIPELINE: dict[str, Any] = {
 
 def pipeline_of(model: Any) -> dict[str, Any] | None:
     """The mammography pipeline a model's checkpoint records (``extra["mammo"]``), or ``None``."""
-    extra = getattr(model, "checkpoint_extra", None) or {}
-    mammo = extra.get("mammo")
+    mammo = model.spec.extra.get("mammo")
     return {**DEFAULT_PIPELINE, **mammo} if mammo else None
 
 
@@ -321,7 +320,7 @@ def window_probabilities(
 
                 raise Cancelled("cancelled")
             x = torch.from_numpy(windows[i : i + batch_size])[:, None].to(device)
-            size = tuple(getattr(model, "input_size", None) or x.shape[-2:])
+            size = tuple(model.spec.input_size or x.shape[-2:])
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             out.append(model(x).float().softmax(-1)[:, -1].cpu().numpy())

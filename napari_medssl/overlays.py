@@ -169,10 +169,10 @@ def model_input(plane: np.ndarray, model: Any, device: Any = "cpu") -> Any:
     from napari_medssl.transforms import normalize_intensity
 
     x = torch.from_numpy(normalize_intensity(plane))[None, None]
-    size = getattr(model, "input_size", None)
+    size = model.spec.input_size
     if size is not None and tuple(size) != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-    chans = int(getattr(model, "in_chans", 1) or 1)
+    chans = model.spec.in_chans
     return x.repeat(1, chans, 1, 1).to(device)
 
 

@@ -82,7 +82,7 @@ def _augmentations(
     image: np.ndarray, model: Any, slice_axis: int, mirror: tuple[int, ...], seed: int
 ) -> list[tuple[str, np.ndarray, Callable[[np.ndarray], np.ndarray]]]:
     """``(name, augmented image, undo on probabilities (K, *spatial))`` for each TTA sample."""
-    axes = _in_plane_axes(image, int(getattr(model, "spatial_dims", 2)), slice_axis)
+    axes = _in_plane_axes(image, model.spec.spatial_dims, slice_axis)
     step = max(1, int(round(min(image.shape[a] for a in axes) * SHIFT_FRACTION)))
     norm = normalize_intensity(image)
     rng = np.random.default_rng(seed)
@@ -159,14 +159,12 @@ def uncertainty(
     """
     from napari_medssl import inference
 
-    if getattr(model, "task", None) != "segment":
-        raise ValueError(
-            f"uncertainty needs a segmenter; this model's task is {getattr(model, 'task', None)!r}"
-        )
+    if model.spec.task != "segment":
+        raise ValueError(f"uncertainty needs a segmenter; this model's task is {model.spec.task!r}")
     image = np.asarray(image)
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] > 4):
         raise ValueError(f"uncertainty takes a gray 2D image or a (Z, Y, X) volume, got shape {image.shape}")
-    ensemble = bool(getattr(model, "is_ensemble", False))
+    ensemble = model.spec.is_ensemble
     if method == "auto":
         method = "ensemble" if ensemble else "tta"
     if method not in ("tta", "ensemble"):

@@ -18,13 +18,12 @@ and ``notes``. :mod:`napari_medssl.domain` compares an opened image with it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from napari_medssl._atomic import atomic_write
+from napari_medssl._atomic import atomic_write, sha256_file
 
 CARD = "card.yaml"
 WEIGHTS = "model.safetensors"
@@ -98,15 +97,6 @@ def card(name: str) -> dict[str, Any]:
     return data
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_path(name: str) -> Path:
     """The verified weights file of zoo model ``name`` (fetched by URL when the card has one).
 
@@ -135,32 +125,33 @@ def weights_path(name: str) -> Path:
 
 
 def load(name_or_path: str | os.PathLike, device: str = "cpu") -> Any:
-    """Load a model from the zoo (by name, sha256-checked) or from a ``.safetensors`` checkpoint path.
+    """Load a model from the zoo (by name, sha256-checked), a ``.safetensors`` checkpoint or a training run
+    folder (its ``best.safetensors``); see :func:`napari_medssl.resolve.resolve`.
 
-    The model gets ``model.card`` (the card, or ``None`` for a plain file) and ``model.checkpoint_extra``.
+    ``model.spec`` holds its facts, with the card (``None`` for a plain file) and where it came from.
 
     Raises:
-        ValueError: unknown name, sha256 mismatch, a pickle or a file that is not a checkpoint.
+        ValueError: unknown name, an untrained architecture, sha256 mismatch, a pickle or a file that is not
+            a checkpoint.
         FileNotFoundError: a path that does not exist.
     """
     from napari_medssl.inference import pick_device
     from napari_medssl.models.registry import load_model
+    from napari_medssl.models.spec import attach_spec
+    from napari_medssl.resolve import resolve
 
-    spec = os.fspath(name_or_path)
-    path = Path(spec)
-    model_card = None
-    if not path.is_file():
-        if spec in list_zoo():
-            model_card = card(spec)
-            path = weights_path(spec)
-        elif path.suffix or os.sep in spec or "/" in spec:
-            raise FileNotFoundError(f"checkpoint not found: {spec}")
-        else:
-            raise ValueError(
-                f"no zoo model or checkpoint file {spec!r}; zoo models: {', '.join(list_zoo()) or 'none'}"
-            )
-    model = load_model(path, map_location=pick_device(device))
-    model.card = model_card
+    found = resolve(name_or_path)
+    assert found.path is not None
+    model = load_model(found.path, map_location=pick_device(device))
+    # the zoo's card and the name asked for add facts to the checkpoint's own
+    attach_spec(
+        model,
+        model.checkpoint_extra,
+        card=found.card,
+        source=found.source,
+        weights_path=str(found.path),
+        weights_sha256=model.spec.weights_sha256,
+    )
     model.eval()
     return model
 
@@ -220,7 +211,7 @@ def publish(
         **more,
         "weights": {"file": WEIGHTS, "sha256": sha256_file(target), "size_bytes": size},
     }
-    from napari_medssl.engine.checkpoint import atomic_write_text
+    from napari_medssl._atomic import atomic_write_text
 
     atomic_write_text(folder / CARD, yaml.safe_dump(entry, sort_keys=False, allow_unicode=True))
     return folder

@@ -13,6 +13,7 @@ from torch import nn
 from napari_medssl import inference
 from napari_medssl.io import read_nifti
 from napari_medssl.models import create_model
+from napari_medssl.models.spec import attach_spec
 from napari_medssl.transforms import normalize_intensity
 
 
@@ -27,6 +28,7 @@ class PointwiseSegmenter(nn.Module):
         self.input_size = input_size
         self.conv = nn.Conv2d(1, 3, 1)
         self.calls: list[tuple[int, ...]] = []
+        attach_spec(self)  # the model contract every create_model model carries
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(tuple(x.shape))
@@ -154,7 +156,7 @@ def test_mirror_tta_averages_the_flipped_passes(hippo):
     with pytest.raises(ValueError, match="out of range"):
         inference.segment_probabilities(model, vol, mirror=(-3,))
     assert inference.training_flip_axes(model) == ()
-    model.checkpoint_extra = {"train_config": {"augment": True, "flip_axes": [-1]}}
+    attach_spec(model, {"train_config": {"augment": True, "flip_axes": [-1]}})
     assert inference.training_flip_axes(model) == (-1,)
-    model.checkpoint_extra = {"train_config": {"augment": False, "flip_axes": [-1]}}
+    attach_spec(model, {"train_config": {"augment": False, "flip_axes": [-1]}})
     assert inference.training_flip_axes(model) == ()

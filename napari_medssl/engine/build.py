@@ -1,7 +1,7 @@
 """Model resolution for training and evaluation: a checkpoint path, a zoo name or a registered name.
 
-``NAME|CKPT`` arguments resolve in this order: an existing ``.safetensors`` file; a model of the zoo
-(``models/<name>/card.yaml``); a registered architecture (``unet_tiny``), built fresh. Fine-tuning from a
+``NAME|CKPT`` arguments resolve as :func:`napari_medssl.resolve.resolve` says: an existing ``.safetensors``
+file, a run folder, a model of the zoo, a registered architecture (``unet_tiny``), built fresh. Fine-tuning from a
 checkpoint keeps every weight whose name and shape fit the new model (a new classification or segmentation
 head of another size starts fresh) and reports what it left out.
 """
@@ -13,34 +13,14 @@ from typing import Any
 
 from torch import nn
 
-from napari_medssl.models.registry import create_model, list_models, read_checkpoint
+from napari_medssl.models.registry import create_model, read_checkpoint
+from napari_medssl.resolve import resolve
 
 
 def resolve_checkpoint(spec: str) -> Path | None:
-    """The checkpoint file ``spec`` names (a path or a zoo name), or ``None`` for a registered architecture.
-
-    Raises:
-        FileNotFoundError: ``spec`` looks like a path but there is no such file.
-        ValueError: ``spec`` is neither a file, a zoo model nor a registered architecture.
-    """
-    spec = str(spec)
-    path = Path(spec)
-    if path.is_file():
-        return path
-    if path.is_dir() and (path / "best.safetensors").is_file():
-        return path / "best.safetensors"
-    from napari_medssl import zoo
-
-    if spec in zoo.list_zoo():
-        return zoo.weights_path(spec)
-    if spec in list_models():
-        return None
-    if spec.endswith((".safetensors", ".pt", ".pth", ".ckpt", ".bin")) or "/" in spec or "\\" in spec:
-        raise FileNotFoundError(f"checkpoint not found: {spec}")
-    raise ValueError(
-        f"unknown model {spec!r}: not a checkpoint file, not in the zoo ({', '.join(zoo.list_zoo()) or 'empty'}) "
-        f"and not a registered architecture ({', '.join(list_models())})"
-    )
+    """The checkpoint file ``spec`` names (a path, a run folder or a zoo name), or ``None`` for a registered
+    architecture (see :func:`napari_medssl.resolve.resolve`, whose errors it raises)."""
+    return resolve(spec, architectures=True).path
 
 
 def build_model(
@@ -114,7 +94,7 @@ def check_task(model: nn.Module, task: str, name: str = "model") -> None:
                 f"{name} has no pretrain_loss (self-supervised objective); it cannot be pretrained"
             )
         return
-    actual = getattr(model, "task", None)
+    actual = model.spec.task
     if actual != task:
         raise ValueError(
             f"{name} is a {actual!r} model, not {task!r}; pick a {task} model or give num_classes for a new head"

@@ -26,16 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from napari_medssl._atomic import atomic_write
+from napari_medssl._atomic import atomic_write, atomic_write_text
 from napari_medssl.models.registry import save_model, write_safetensors
 
 LAST = "last.json"
 BEST = "best.safetensors"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

@@ -438,10 +438,9 @@ def _stem(path: Path) -> str:
 
 def _check_domain(model: Any, volume: Any, path: Path, args: argparse.Namespace) -> None:
     """Warn (stderr) when ``volume`` is outside the model's training domain; raise under ``--strict``."""
-    from napari_medssl import domain, zoo
+    from napari_medssl import domain
 
-    card = zoo.card(args.model) if args.model in zoo.list_zoo() else None  # a run's checkpoint has no card
-    dom = domain.model_domain(model, card=card)
+    dom = domain.model_domain(model)  # model.spec.domain: the zoo card's (a run's checkpoint has none)
     fit = domain.check(dom, domain.facts_from_volume(volume), str(args.model))
     if fit.fits:
         return
@@ -465,18 +464,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from napari_medssl import inference, mammo, zoo
     from napari_medssl.engine import readers
-    from napari_medssl.engine.build import resolve_checkpoint
 
-    ckpt = resolve_checkpoint(args.model)
-    if ckpt is None:
-        raise ValueError(
-            f"{args.model!r} is an untrained architecture; predict with a checkpoint or a zoo model"
-        )
-    model = zoo.load(ckpt, device=args.device)
-    if model.task not in ("segment", "classify"):
-        raise ValueError(f"{args.model} is a {model.task!r} model; fine-tune it before predicting")
-    extra = getattr(model, "checkpoint_extra", None) or {}
-    axis = args.slice_axis if args.slice_axis is not None else int(extra.get("slice_axis", 0))
+    model = zoo.load(args.model, device=args.device)
+    spec = model.spec
+    if not spec.predicts:
+        raise ValueError(f"{args.model} is a {spec.task!r} model; fine-tune it before predicting")
+    axis = args.slice_axis if args.slice_axis is not None else spec.slice_axis
     if args.heatmap and mammo.pipeline_of(model) is None:
         raise ValueError(f"--heatmap needs a mammography patch classifier; {args.model} is not one")
     inputs = _predict_inputs(Path(args.input))
@@ -484,13 +477,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for path in inputs:
             _check_domain(model, readers.read_any(path), path, args)
     output = Path(args.output)
-    names = extra.get("class_names") or [str(i) for i in range(model.num_classes)]
+    names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
     results: dict[str, Any] = {}
     segment_codes = (zoo.card(args.model) if args.model in zoo.list_zoo() else {}).get("segment_codes")
     for path in tqdm(inputs, desc="predict", unit="file", dynamic_ncols=True, disable=len(inputs) < 2):
         loaded = readers.read_any(path)
         _check_domain(model, loaded, path, args)
-        if model.task == "segment":
+        if spec.task == "segment":
             labels = inference.segment(
                 model,
                 loaded.data,
@@ -499,8 +492,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 rgb=loaded.rgb,
                 mirror=inference.training_flip_axes(model) if args.tta else (),
             )
-            if extra.get("label_values"):  # trained on remapped labels (painted 1..K): write those values
-                labels = np.asarray(extra["label_values"])[labels]
+            if spec.label_values:  # trained on remapped labels (painted 1..K): write those values
+                labels = np.asarray(spec.label_values)[labels]
             target = output / f"{_stem(path)}.nii.gz" if len(inputs) > 1 or output.is_dir() else output
             if len(inputs) == 1 and not (
                 readers.is_nifti(target) or readers.is_image(target) or readers.is_dicom_output(target)
@@ -533,12 +526,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             entry["prediction"] = names[int(probs.argmax())]
             entry["provenance"] = _provenance(model, ckpt, args.model, path, loaded)
             results[path.name] = entry
-    if model.task == "classify":
+    if spec.task == "classify":
         if output.suffix.lower() != ".json":
             raise ValueError(f"--output {output}: a classifier writes probabilities to a .json file")
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1) if model.task == "classify" else "\n".join(results.values()))
+    print(json.dumps(results, indent=1) if spec.task == "classify" else "\n".join(results.values()))
     return 0
 
 
@@ -586,21 +579,14 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """``ensemble``: several segmenters' checkpoints → one averaging model."""
-    from napari_medssl.engine.build import resolve_checkpoint
     from napari_medssl.models.ensemble import from_checkpoints
     from napari_medssl.models.registry import save_model
+    from napari_medssl.resolve import resolve
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must be a .safetensors file, got {out}")
-    paths = []
-    for spec in args.model:
-        path = resolve_checkpoint(spec)
-        if path is None:
-            raise ValueError(
-                f"{spec!r} is an untrained architecture; ensembles are built from trained models"
-            )
-        paths.append(path)
+    paths = [resolve(spec).path for spec in args.model]  # trained models only (an architecture is refused)
     if args.weight and len(args.weight) != len(paths):
         raise ValueError(f"{len(args.weight)} --weight values for {len(paths)} members")
     model = from_checkpoints(paths, args.weight)
@@ -609,7 +595,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out, extra=model.checkpoint_extra)
     size = out.stat().st_size / 1e6
-    print(f"{out}: {len(paths)} members, {model.num_classes} classes, {size:.1f} MB")
+    print(f"{out}: {len(paths)} members, {model.spec.num_classes} classes, {size:.1f} MB")
     return 0
 
 

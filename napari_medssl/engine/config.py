@@ -161,7 +161,7 @@ class TrainConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` (atomically)."""
-        from napari_medssl.engine.checkpoint import atomic_write_text
+        from napari_medssl._atomic import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2))
 

@@ -44,7 +44,7 @@ def evaluate_cases(
     """Metrics of ``model`` on the cases of a :class:`SampleSet` (its size is used for classification);
     ``mirror``: axes for mirroring test-time augmentation of segmenters (see :mod:`napari_medssl.inference`)."""
     device = device or next(model.parameters()).device
-    task = getattr(model, "task", None)
+    task = model.spec.task
     if task == "segment":
         k = int(model.num_classes)
         per_case = []
@@ -80,9 +80,8 @@ def split_ids(model: nn.Module, checkpoint: str | os.PathLike | None) -> list[st
     Raises:
         ValueError: the checkpoint records no split.
     """
-    extra = getattr(model, "checkpoint_extra", None) or {}
-    if extra.get("split_val"):
-        return [str(i) for i in extra["split_val"]]
+    if model.spec.split_val:
+        return list(model.spec.split_val)
     if checkpoint is not None:
         run_split = Path(checkpoint).parent / "split.json"
         if run_split.is_file():
@@ -125,30 +124,24 @@ def evaluate(
     if isinstance(model_spec, nn.Module):
         model = model_spec.to(dev)
     else:
-        from napari_medssl.engine.build import resolve_checkpoint
-
-        checkpoint = resolve_checkpoint(str(model_spec))
-        if checkpoint is None:
-            raise ValueError(
-                f"{model_spec!r} is an untrained architecture; evaluate a checkpoint or a zoo model"
-            )
-        model = zoo.load(checkpoint, device=str(dev))
+        model = zoo.load(model_spec, device=str(dev))
+        checkpoint = model.spec.weights_path
     if mammo.pipeline_of(model) is not None:  # a full-resolution mammography patch classifier
         return _evaluate_mammo(model, data, split, checkpoint, batch_size, progress)
     source = open_data(data)
     cases = source.cases()
     if split == "val":
         cases = select(cases, split_ids(model, checkpoint), "the checkpoint's validation split")
-    extra = getattr(model, "checkpoint_extra", None) or {}
+    spec = model.spec
     # the training run's label conventions (ignore_index, label_map) describe its own data only
-    same_data = extra.get("data") == source.description
-    train_cfg = (extra.get("train_config") or {}) if same_data else {}
+    same_data = spec.data == source.description
+    train_cfg = spec.train_config if same_data else {}
     samples = SampleSet(
         cases,
-        task=getattr(model, "task", "segment"),
-        model_dims=int(getattr(model, "spatial_dims", 2)),
-        in_chans=int(getattr(model, "in_chans", 1)),
-        slice_axis=int(extra.get("slice_axis", 0)),
+        task=spec.task,
+        model_dims=spec.spatial_dims,
+        in_chans=spec.in_chans,
+        slice_axis=spec.slice_axis,
         ignore_index=train_cfg.get("ignore_index"),
         label_map=train_cfg.get("label_map"),
         train=False,
@@ -157,12 +150,12 @@ def evaluate(
     if size is None:
         size = tuple(max(s) for s in zip(*samples.spatial_shapes()))
     samples.set_size(size)
-    mirror = training_flip_axes(model) if tta and model.task == "segment" else ()
+    mirror = training_flip_axes(model) if tta and spec.task == "segment" else ()
     metrics = evaluate_cases(model, samples, dev, batch_size, progress, mirror)
-    names = extra.get("class_names") or source.class_names
+    names = list(spec.class_names) or source.class_names
     return {
         "metrics": metrics,
-        "task": model.task,
+        "task": spec.task,
         "split": split,
         "n_cases": len(cases),
         "label_names": {str(i): n for i, n in enumerate(names)} if names else None,
@@ -181,10 +174,10 @@ def _evaluate_mammo(
     if not (Path(data) / "labels.csv").is_file():
         raise ValueError(f"{data}: a mammography model needs a mini-MIAS-format folder (images + labels.csv)")
     res = mammo.evaluate_folder(model, data, batch_size, next(model.parameters()).device, progress)
-    names = (getattr(model, "checkpoint_extra", None) or {}).get("class_names") or ["normal", "abnormal"]
+    names = list(model.spec.class_names) or ["normal", "abnormal"]
     return {
         "metrics": res["metrics"],
-        "task": model.task,
+        "task": model.spec.task,
         "split": split,
         "n_cases": len(res["per_image"]),
         "label_names": {str(i): n for i, n in enumerate(names)},

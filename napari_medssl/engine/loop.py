@@ -47,6 +47,8 @@ from napari_medssl.engine.evaluate import evaluate_cases
 from napari_medssl.engine.samples import SampleSet, choose_size
 from napari_medssl.engine.split import load_split, save_split, select, split_for
 from napari_medssl.inference import pick_device
+from napari_medssl.models.spec import attach_spec
+from napari_medssl.resolve import resolve
 
 DEFAULT_BEST = {"segment": "mean_dice", "classify": "auc", "pretrain": "val_loss"}
 LOWER_IS_BETTER = ("val_loss", "loss")
@@ -284,25 +286,22 @@ class Trainer:
         """
         from napari_medssl.models.registry import load_model
 
-        spec = str(self.config.teacher)
-        path = resolve_checkpoint(spec)
-        if path is None:
-            raise ValueError(
-                f"teacher {spec!r} is an untrained architecture; give a checkpoint or a zoo model"
-            )
+        source = str(self.config.teacher)
+        path = resolve(source).path  # trained weights only: an architecture name is refused
         teacher = load_model(path, map_location=self.device).eval().requires_grad_(False)
-        name = f"teacher {spec}"
+        name = f"teacher {source}"
         check_task(teacher, self.config.task, name)
+        facts = teacher.spec
         checks = [  # (what, the teacher's, the student's)
-            ("classes", getattr(teacher, "num_classes", self.num_classes), self.num_classes),
-            ("input channels", getattr(teacher, "in_chans", chans), chans),
+            ("classes", facts.num_classes, self.num_classes),
+            ("input channels", facts.in_chans, chans),
         ]
         if self.config.task == "segment":
-            checks.append(("spatial dims", getattr(teacher, "spatial_dims", 2), dims))
+            checks.append(("spatial dims", facts.spatial_dims, dims))
         for what, theirs, mine in checks:
             if int(theirs) != int(mine):
                 raise ValueError(f"{name} has {theirs} {what}, the student {mine}; they must match")
-        sizes = [getattr(m, "input_size", None) for m in (teacher, student)]
+        sizes = [m.spec.input_size for m in (teacher, student)]
         if any(sizes) and sizes[0] != sizes[1]:  # fixed-size models (ViTs) see the student's inputs
             raise ValueError(
                 f"{name} takes inputs of size {sizes[0]}, the student {sizes[1]}; they must match"
@@ -315,7 +314,7 @@ class Trainer:
         self.device = dist_utils.local_device(pick_device(cfg.device))
         resolve_checkpoint(cfg.model)  # a bad model name fails before any data are read
         if cfg.teacher:
-            resolve_checkpoint(cfg.teacher)
+            resolve(cfg.teacher)  # trained weights only
         torch.manual_seed(cfg.seed)
         self._setup_data()
         in_chans = int(self.train_cases[0].load()[0].shape[0])
@@ -325,19 +324,19 @@ class Trainer:
             cfg.model, cfg.task, self.num_classes, in_chans, cfg.model_overrides
         )
         self.model = model
-        dims = int(getattr(model, "spatial_dims", 2))
-        chans = int(getattr(model, "in_chans", in_chans))
+        dims, chans = model.spec.spatial_dims, model.spec.in_chans
         common = dict(task=cfg.task, model_dims=dims, in_chans=chans, slice_axis=cfg.slice_axis)
         common.update(ignore_index=cfg.ignore_index, label_map=cfg.label_map, seed=cfg.seed)
         self.train_set = SampleSet(self.train_cases, train=True, **common)
         self.val_set = SampleSet(self.val_cases, train=False, **common) if self.val_cases else None
-        model_size = getattr(model, "input_size", None)
+        model_size = model.spec.input_size
         shapes = [] if model_size or cfg.patch_size else self.train_set.spatial_shapes()
         self.size = choose_size(model_size, cfg.patch_size, shapes, dims)
         self.train_set.set_size(self.size)
         if self.val_set is not None:
             self.val_set.set_size(self.size)
-        model.checkpoint_extra = {"sample_size": list(self.size), "class_names": self.class_names}
+        # validation during training runs the model as inference will: on samples of this size
+        attach_spec(model, {"sample_size": list(self.size), "class_names": self.class_names})
         model.to(self.device)
 
         class_weights = None

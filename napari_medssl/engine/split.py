@@ -57,7 +57,7 @@ def split_for(source: DataSource, cases: list[Case], val_fraction: float, seed: 
 
 def save_split(split: dict[str, list[str]], path: str | os.PathLike, **facts: object) -> Path:
     """Write ``split.json`` (the ids plus facts such as seed, fraction and data) atomically."""
-    from napari_medssl.engine.checkpoint import atomic_write_text
+    from napari_medssl._atomic import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, json.dumps({**facts, "train": split["train"], "val": split["val"]}, indent=1))

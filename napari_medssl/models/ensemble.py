@@ -2,8 +2,7 @@
 
 nnU-Net's habit: average the softmax outputs of differently built or differently trained models (its 2D and
 3D U-Nets, its five folds). Members here are any trained ``segment`` models with the same classes and input
-channels; each keeps what it was trained with (its ``checkpoint_extra``: sample size, slice axis, flipped
-axes), so :mod:`napari_medssl.inference` runs each the way it runs that model alone (2D members slice by slice,
+channels; each keeps what it was trained with (its ``spec``: sample size, slice axis, flipped axes), so :mod:`napari_medssl.inference` runs each the way it runs that model alone (2D members slice by slice,
 3D members by sliding windows of their own size) and averages the probabilities
 (:func:`napari_medssl.inference.segment_prepared`). :meth:`SegmentationEnsemble.forward` is the same average
 for a batch of volumes (or images, with 2D members only) run whole.
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from napari_medssl.models.registry import create_model, register_model
+from napari_medssl.models.spec import attach_spec
 
 NAME = "ensemble_mean"  # the registered builder: checkpoints and cards name an ensemble by it
 NOT_TRAINED = (
@@ -75,13 +75,12 @@ class SegmentationEnsemble(nn.Module):
                 raise ValueError(f"member {i}: its config has no model name")
             name = cfg.pop("name")
             model = create_model(name, **cfg)
-            if getattr(model, "task", None) != "segment":
+            if model.spec.task != "segment":
                 raise ValueError(f"member {i} ({name}) is not a segmentation model")
-            model.checkpoint_extra = dict(ex)
-            built.append(model)
+            built.append(attach_spec(model, ex))  # each member runs with its own training facts
         self.members = nn.ModuleList(built)
-        classes = {int(m.num_classes) for m in built}
-        chans = {int(getattr(m, "in_chans", 1)) for m in built}
+        classes = {m.spec.num_classes for m in built}
+        chans = {m.spec.in_chans for m in built}
         if len(classes) != 1 or len(chans) != 1:
             raise ValueError(
                 f"members disagree: classes {sorted(classes)}, input channels {sorted(chans)}; "
@@ -89,13 +88,13 @@ class SegmentationEnsemble(nn.Module):
             )
         self.num_classes, self.in_chans = classes.pop(), chans.pop()
         # an ensemble with a 3D member needs volumes; its 2D members then run slice by slice
-        self.spatial_dims = max(int(getattr(m, "spatial_dims", 2)) for m in built)
+        self.spatial_dims = max(m.spec.spatial_dims for m in built)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Weighted mean of the members' softmax ``(N, K, *S)`` for ``x (N, C, *S)``, each run whole."""
         out = None
         for weight, member in zip(self.weights, self.members):
-            dims = int(getattr(member, "spatial_dims", 2))
+            dims = member.spec.spatial_dims
             if dims == 2 and x.ndim == 5:  # a 2D member on volumes: slices along Z
                 n, c, z = x.shape[:3]
                 flat = x.movedim(2, 1).reshape(n * z, c, *x.shape[3:])
@@ -125,7 +124,7 @@ def from_checkpoints(
 ) -> SegmentationEnsemble:
     """An ensemble of trained segmenters from their checkpoint files (weights copied in).
 
-    The ensemble's own ``checkpoint_extra`` takes the members' shared facts: class names, and the validation
+    The ensemble's own ``spec`` (and ``checkpoint_extra``) takes the members' shared facts: class names, and the validation
     split when every member recorded the same one (so ``medssl evaluate --split val`` scores it there).
 
     Raises:
@@ -155,15 +154,15 @@ def from_checkpoints(
             raise ValueError(f"{paths[i]}: weights do not fit its own config: missing {list(missing)[:3]}")
     splits = {tuple(e.get("split_val") or ()) for e in extras}
     names = [e.get("class_names") for e in extras if e.get("class_names")]
-    model.checkpoint_extra = {
+    extra = {
         "task": "segment",
         "num_classes": model.num_classes,
         "class_names": names[0] if names else None,
         "members": [str(p) for p in paths],
     }
     if len(splits) == 1 and next(iter(splits)):
-        model.checkpoint_extra["split_val"] = list(next(iter(splits)))
+        extra["split_val"] = list(next(iter(splits)))
         data = {e.get("data") for e in extras}
         if len(data) == 1:
-            model.checkpoint_extra["data"] = data.pop()
-    return model
+            extra["data"] = data.pop()
+    return attach_spec(model, extra)

@@ -2,7 +2,8 @@
 
 Every builder is registered under ``<family>_<size>`` (``mae_tiny``, ``unet_base`` ...). Builders take keyword
 overrides (``num_classes``, ``in_chans``, ``img_size`` ...) and return an ``nn.Module`` that carries
-``model.config``: the registered name plus the overrides, enough to rebuild it from a checkpoint.
+``model.config``: the registered name plus the overrides, enough to rebuild it from a checkpoint, and
+``model.spec`` (:class:`~napari_medssl.models.spec.ModelSpec`, the facts callers read).
 
 Checkpoints are safetensors files whose metadata holds that config as JSON; nothing here unpickles.
 """
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from napari_medssl.models.spec import attach_spec
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _FAMILY_MODULES = (
@@ -82,7 +85,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
     model = _REGISTRY[name](**overrides)
     model.config = {"name": name, **_jsonable(overrides)}
-    return model
+    return attach_spec(model)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +156,22 @@ def read_checkpoint(
         FileNotFoundError: no such file.
         ValueError: the file is not a safetensors file (pickles are refused, never unpickled).
     """
+    return _read(path, tensors=True)
+
+
+def read_metadata(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config, extra)`` of a safetensors checkpoint, without reading its tensors.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_checkpoint`.
+    """
+    _, config, extra = _read(path, tensors=False)
+    return config, extra
+
+
+def _read(
+    path: str | os.PathLike, tensors: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -161,7 +180,7 @@ def read_checkpoint(
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
+            state = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
             f"{path} is not a safetensors checkpoint ({err}); only safetensors weights are accepted "
@@ -178,7 +197,8 @@ def read_checkpoint(
 def load_model(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any
 ) -> nn.Module:
-    """Rebuild a model from a checkpoint written by :func:`save_model`.
+    """Rebuild a model from a checkpoint written by :func:`save_model`; ``model.spec`` holds the checkpoint's
+    facts (its ``extra`` metadata, path and sha256).
 
     Raises:
         ValueError: not a safetensors file, no model config in it, or weights that do not fit the model.
@@ -199,5 +219,7 @@ def load_model(
         raise ValueError(
             f"{path}: weights do not fit {name}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
         )
-    model.checkpoint_extra = extra
+    from napari_medssl._atomic import sha256_file
+
+    attach_spec(model, extra, source=str(path), weights_path=str(path), weights_sha256=sha256_file(path))
     return model.to(map_location)
