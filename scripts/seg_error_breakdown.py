@@ -54,7 +54,7 @@ def main() -> None:
     case_dice: dict[str, np.ndarray] = {}
     for spec in args.models:
         model = load_model(resolve_checkpoint(spec)).eval()
-        dims = int(getattr(model, "spatial_dims", 2))
+        dims = model.spec.spatial_dims
         samples = SampleSet(cases, train=False, task="segment", model_dims=dims, in_chans=1, slice_axis=0)
         rows, dices = [], []
         for i in range(len(cases)):

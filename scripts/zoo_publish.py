@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from napari_medssl import zoo  # noqa: E402
 from napari_medssl.models.registry import create_model, read_checkpoint, save_model  # noqa: E402
+from napari_medssl.models.spec import attach_spec  # noqa: E402
 
 DATASETS = {
     "hippocampus": {
@@ -106,7 +107,7 @@ def convert(
         model.load_state_dict(state, strict=True)
     if fp16:
         model = model.half()
-    model.checkpoint_extra = extra
+    attach_spec(model, extra)
     out = run / ("zoo_fp16.safetensors" if fp16 else "zoo.safetensors")
     save_model(model, out, extra=extra)
     return out

@@ -159,8 +159,8 @@ def test_a_checkpoint_config_cannot_name_arbitrary_code(
 @pytest.mark.gui
 def test_viewer_model_picker_refuses_a_pickle(make_napari_viewer, evil: dict[str, Path], monkeypatch) -> None:
     from napari_medssl._widgets import model_widget
-    from napari_medssl._widgets.finetune_widget import model_facts
     from napari_medssl._widgets.model_widget import ModelWidget
+    from napari_medssl.resolve import describe
 
     errors: list[str] = []
     monkeypatch.setattr("napari_medssl._widgets._common.show_error", errors.append)
@@ -170,7 +170,7 @@ def test_viewer_model_picker_refuses_a_pickle(make_napari_viewer, evil: dict[str
         with pytest.raises(ValueError, match="not a safetensors checkpoint"):
             model_widget.load_model(str(evil[key]), "cpu")  # the dock's pure loader
         with pytest.raises(ValueError, match="not a safetensors checkpoint"):
-            model_facts(str(evil[key]))  # what the Fine-tune dock loads before training
+            describe(str(evil[key]))  # what the docks read to learn a model's facts
         dock.select(str(evil[key]))  # as if picked in the file dialog
         assert errors and "not a safetensors checkpoint" in errors[-1]
         assert "choose a model" not in dock.card_label.text() and "model</b>" not in dock.card_label.text()

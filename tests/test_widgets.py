@@ -150,13 +150,13 @@ def test_model_dock_segments_slice_and_volume_and_cancels(
     assert np.array_equal(seg.data[z], inference.segment(model, img[z], mirror=(-1,)))
     assert mw.status_label.text() == "done"
     # a checkpoint trained without random flips has nothing to mirror: plain labels, and the dock says why
-    train_config = model.checkpoint_extra["train_config"]
-    flips, train_config["flip_axes"] = train_config["flip_axes"], []
+    trained_with_flips = model.spec
+    model.spec = trained_with_flips.replace(flip_axes=())
     mw.run()
     qtbot.waitUntil(lambda: mw._worker is None, timeout=60_000)
     assert np.array_equal(seg.data[z], inference.segment(model, img[z]))
     assert "trained without random flips" in mw.status_label.text()
-    train_config["flip_axes"] = flips
+    model.spec = trained_with_flips
     mw.tta_check.setChecked(False)
 
     # Cancel: set the flag from the worker's first progress report (a direct connection, no race)

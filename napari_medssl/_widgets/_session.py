@@ -1,13 +1,16 @@
-"""State the three docks of one viewer share: the model in use and fine-tuned checkpoints.
+"""State the three docks of one viewer share: the model in use (with its facts) and fine-tuned checkpoints.
 
-The Model dock publishes the model the user picked; the Fine-tune dock reads it as the starting point and,
-when training ends, publishes the best checkpoint, which the Model dock swaps in. One session per viewer.
+The Model dock publishes the model the user picked, with its :class:`~napari_medssl.models.spec.ModelSpec`
+(read from the checkpoint's metadata, no weights loaded); the Fine-tune dock reads both as the starting point
+and, when training ends, publishes the best checkpoint, which the Model dock swaps in. No dock imports another.
+One session per viewer.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from qtpy.QtCore import QObject, Signal
 
@@ -20,11 +23,13 @@ class ModelChoice:
         source: a zoo name or a ``.safetensors`` path (what ``zoo.load`` accepts).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
         label: a short text for the user.
+        spec: the model's :class:`~napari_medssl.models.spec.ModelSpec` (``None`` when it cannot be read).
     """
 
     source: str
     device: str = "auto"
     label: str = ""
+    spec: Any = None
 
 
 class Session(QObject):

@@ -51,22 +51,6 @@ VAL_METRICS = ("mean_dice", "auc", "accuracy", "val_loss")
 MIN_HELD_OUT = 4  # fewer annotated cases than this: validate on the annotations themselves
 
 
-def model_facts(source: str) -> dict[str, Any]:
-    """Task, spatial dims, classes and input size of a zoo model or checkpoint (loaded on the CPU)."""
-    from napari_medssl import zoo
-    from napari_medssl._widgets.model_widget import class_names
-
-    model = zoo.load(source, device="cpu")
-    return {
-        "task": getattr(model, "task", None),
-        "spatial_dims": int(getattr(model, "spatial_dims", 2)),
-        "num_classes": int(getattr(model, "num_classes", 0) or 0),
-        "class_names": class_names(model, getattr(model, "card", None) or {}),
-        "input_size": getattr(model, "input_size", None),
-        "ensemble": bool(getattr(model, "is_ensemble", False)),
-    }
-
-
 def annotation_items(layers: list[Any], image: Image, point_box: int) -> list[tuple[str, tuple, tuple]]:
     """``(class, low, high)`` boxes in the image's index space from Shapes and Points layers.
 
@@ -266,20 +250,19 @@ class FinetuneWidget(QWidget):
             self.help_label.setText("")
             return
         self.model_label.setText(f"{choice.label or choice.source} (device {choice.device})")
-        try:
-            facts = model_facts(choice.source)
-        except Exception as err:  # the Model dock reports load errors; keep the help generic here
-            self.help_label.setText(f"cannot read the model: {err}")
+        spec = choice.spec
+        if spec is None:  # the Model dock reported why it cannot read the model
+            self.help_label.setText("cannot read the model: see the Model dock")
             return
-        names = facts["class_names"]
+        names = spec.names()
         from napari_medssl.models.ensemble import NOT_TRAINED
 
-        if facts["ensemble"]:
+        if spec.is_ensemble:
             self.help_label.setText(NOT_TRAINED[0].upper() + NOT_TRAINED[1:] + ".")
-        elif facts["task"] == "segment":
+        elif spec.task == "segment":
             mapping = ", ".join(f"{i + 1} = {n}" for i, n in enumerate(names))
             self.help_label.setText(f"Paint a Labels layer on any slices. 0 = unlabelled; {mapping}.")
-        elif facts["task"] == "classify":
+        elif spec.task == "classify":
             self.help_label.setText(
                 "Draw boxes (Shapes) or Points; name each by class with a 'class' feature or the layer's name "
                 f"({', '.join(names)})."
@@ -312,13 +295,11 @@ class FinetuneWidget(QWidget):
 
     def _class_names(self) -> list[str]:
         choice = self.session.model
-        try:
-            return model_facts(choice.source)["class_names"] if choice is not None else []
-        except Exception:
-            return []
+        return choice.spec.names() if choice is not None and choice.spec is not None else []
 
-    def gather(self, facts: dict[str, Any]) -> dict[str, Any]:
-        """Training arrays and config fields from the chosen image and annotations (GUI thread, cheap)."""
+    def gather(self, spec: Any) -> dict[str, Any]:
+        """Training arrays and config fields from the chosen image and annotations (GUI thread, cheap);
+        ``spec``: the starting model's facts."""
         image = self.image_combo.layer()
         ann = self.ann_combo.layer()
         if image is None:
@@ -327,18 +308,14 @@ class FinetuneWidget(QWidget):
             raise ValueError("no annotations: paint a Labels layer, or draw Shapes/Points named by class")
         data = np.asarray(image.data)
         if isinstance(ann, Labels):
-            samples = segmentation_samples(data, np.asarray(ann.data), facts["spatial_dims"], rgb=image.rgb)
-            k = max(facts["num_classes"] if facts["task"] == "segment" else 0, max(samples["classes"]) + 1)
-            names = (
-                facts["class_names"]
-                if facts["task"] == "segment" and len(facts["class_names"]) == k
-                else None
-            )
+            samples = segmentation_samples(data, np.asarray(ann.data), spec.spatial_dims, rgb=image.rgb)
+            k = max(spec.num_classes if spec.task == "segment" else 0, max(samples["classes"]) + 1)
+            names = spec.names() if spec.task == "segment" and len(spec.names()) == k else None
             samples.update(task="segment", num_classes=k, class_names=names)
         else:
             layers = [ly for ly in self.viewer.layers if isinstance(ly, Shapes | Points) and len(ly.data)]
             items = annotation_items(layers, image, self.point_box.value())
-            known = facts["class_names"] if facts["task"] == "classify" else None
+            known = spec.names() if spec.task == "classify" else None
             samples = classification_samples(data, items, known, rgb=image.rgb)
             samples.update(task="classify", num_classes=len(samples["class_names"]))
         return samples
@@ -353,12 +330,14 @@ class FinetuneWidget(QWidget):
         try:
             if choice is None:
                 raise ValueError("no model: pick a zoo model or a checkpoint in the Model dock")
-            facts = model_facts(choice.source)
-            if facts["ensemble"]:
+            from napari_medssl.resolve import describe
+
+            spec = choice.spec or describe(choice.source)  # describe raises why the facts cannot be read
+            if spec.is_ensemble:
                 from napari_medssl.models.ensemble import NOT_TRAINED
 
                 raise ValueError(NOT_TRAINED)
-            samples = self.gather(facts)
+            samples = self.gather(spec)
             self.autosave_now()
             n = len(samples["images"])
             held_out = self.hold_out.isChecked() and n >= MIN_HELD_OUT

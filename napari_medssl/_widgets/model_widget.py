@@ -54,16 +54,9 @@ class _Relay(QObject):
     progressed = Signal(int, int)
 
 
-def zoo_card(name: str) -> dict[str, Any]:
-    """The model card of a zoo model, or ``{}``."""
-    from napari_medssl import zoo
-
-    return dict(zoo.card(name) or {})
-
-
-def summarize_card(card: dict[str, Any], model: Any = None) -> str:
-    """A short HTML summary of a model card (or, without one, of a loaded model's config)."""
-    if not card and model is None:
+def summarize_card(card: dict[str, Any], spec: Any = None) -> str:
+    """A short HTML summary of a model card (or, without one, of the model's facts: a ``ModelSpec``)."""
+    if not card and spec is None:
         return "<i>no model card</i>"
     rows: list[tuple[str, str]] = []
     metrics = card.get("metrics")
@@ -78,7 +71,7 @@ def summarize_card(card: dict[str, Any], model: Any = None) -> str:
         )
         if shown:
             rows.append(("metrics", ", ".join(f"{k} {shown[k]:.3g}" for k in order[:4])))
-    classes = class_names(model, card)
+    classes = spec.names() if spec is not None else []
     if classes:
         rows.append(("classes", ", ".join(classes)))
     for key in ("task", "architecture", "data", "description", "licence"):
@@ -88,12 +81,10 @@ def summarize_card(card: dict[str, Any], model: Any = None) -> str:
         if val:
             text = val if isinstance(val, str) else _short(val)
             rows.append((key, text if len(text) <= 90 else text[:88] + "…"))
-    if model is not None:
-        rows.append(("model", f"{getattr(model, 'config', {}).get('name', type(model).__name__)}"))
-        rows.append(("task", str(getattr(model, "task", "?"))))
-        rows.append(
-            ("input", f"{getattr(model, 'spatial_dims', 2)}D, {getattr(model, 'in_chans', 1)} channel(s)")
-        )
+    if spec is not None and not card:  # a checkpoint file: what its metadata says
+        rows.append(("model", spec.name))
+        rows.append(("task", str(spec.task)))
+        rows.append(("input", f"{spec.spatial_dims}D, {spec.in_chans} channel(s)"))
     seen: set[str] = set()
     lines = []
     for k, v in rows:
@@ -112,19 +103,6 @@ def _short(val: Any) -> str:
     return str(val)
 
 
-def class_names(model: Any, card: dict[str, Any] | None = None) -> list[str]:
-    """Class names from the checkpoint's metadata or the card; ``class 0 … K-1`` otherwise."""
-    extra = getattr(model, "checkpoint_extra", None) or {}
-    card = card or {}
-    for names in (extra.get("class_names"), card.get("class_names"), card.get("classes")):
-        if isinstance(names, list | tuple) and names:
-            return [str(n) for n in names]
-        if isinstance(names, dict) and names:
-            return [str(names[k]) for k in sorted(names, key=lambda k: int(k))]
-    k = int(getattr(model, "num_classes", 0) or 0) if model is not None else 0
-    return [f"class {i}" for i in range(k)]
-
-
 def run_model(
     model: Any,
     image: np.ndarray,
@@ -134,24 +112,25 @@ def run_model(
     cancel: Any,
     mirror: tuple[int, ...] = (),
 ) -> np.ndarray:
-    """Probabilities (classifier) or labels (segmenter) for an image, plane or volume (worker thread).
+    """Probabilities (classifier) or labels (segmenter) for an image, plane or volume (worker thread):
+    :func:`napari_medssl.inference.predict`.
 
     ``mirror``: segmenters average with copies mirrored along these axes (test-time augmentation, see
     :mod:`napari_medssl.inference`; the dock passes the axes the model's training flipped)."""
     from napari_medssl import inference, mammo
 
-    if getattr(model, "task", None) == "classify" and mammo.pipeline_of(model) is not None:
+    if model.spec.task == "classify" and mammo.pipeline_of(model) is not None:
         res = mammo.score_image(model, image, mammo.pipeline_of(model), cancel=cancel)
         return {"probabilities": np.array([1 - res["score"], res["score"]]), "heatmap": res["heatmap"]}
+    if not model.spec.predicts:
+        raise ValueError(
+            f"this model's task is {model.spec.task!r}: it has no classification or segmentation head. "
+            "Fine-tune it first (Fine-tune dock), or pick a classifier or segmenter."
+        )
     kw = dict(device=device, rgb=rgb, progress=progress_cb, cancel=cancel)
-    if getattr(model, "task", None) == "classify":
-        return inference.classify(model, image, **kw)
-    if getattr(model, "task", None) == "segment":
-        return inference.segment(model, image, mirror=mirror, **kw)
-    raise ValueError(
-        f"this model's task is {getattr(model, 'task', None)!r}: it has no classification or segmentation "
-        "head. Fine-tune it first (Fine-tune dock), or pick a classifier or segmenter."
-    )
+    if model.spec.task == "segment":
+        kw["mirror"] = mirror
+    return inference.predict(model, image, **kw)
 
 
 class ModelWidget(QWidget):
@@ -251,17 +230,19 @@ class ModelWidget(QWidget):
         self._show_fit()
 
     def _on_model_changed(self, *_: Any) -> None:
-        is_file = self.picker.is_checkpoint()
+        """Describe the choice (metadata and card, no weights loaded) and publish it with its facts."""
         src = self.source()
-        card: dict[str, Any] = {}
-        if src and not is_file:
+        spec = None
+        if src and (not self.picker.is_checkpoint() or Path(src).exists()):
+            from napari_medssl.resolve import describe
+
             try:
-                card = zoo_card(src)
+                spec = describe(src)
             except Exception as err:
-                report_error(err, f"Cannot read the model card of {src}")
-        model = self._cached_model(src) if src and is_file and Path(src).is_file() else None
-        self.card_label.setText(summarize_card(card, model) if src else "<i>choose a model</i>")
-        choice = ModelChoice(src, self.device_combo.currentText(), self.picker.label()) if src else None
+                report_error(err, f"Cannot read {src}")
+        card = dict(spec.card) if spec is not None and spec.card else {}
+        self.card_label.setText(summarize_card(card, spec) if src else "<i>choose a model</i>")
+        choice = ModelChoice(src, self.device_combo.currentText(), self.picker.label(), spec) if src else None
         self.session.set_model(choice)
         self._show_fit()
 
@@ -273,8 +254,8 @@ class ModelWidget(QWidget):
         layer, src = self.image_combo.layer(), self.source()
         if layer is None or not src:
             return None
-        model = self._cached_model(src) if self.picker.is_checkpoint() and Path(src).is_file() else None
-        dom = domain.model_domain(model, card=self._card() or None)
+        spec = self.session.model.spec if self.session.model is not None else None
+        dom = dict(spec.domain) if spec is not None and spec.domain else None  # the card's (or checkpoint's)
         return domain.check(dom, domain.facts_from_layer(layer), self.picker.label())
 
     def _show_fit(self) -> None:
@@ -293,13 +274,6 @@ class ModelWidget(QWidget):
             text = "fits this image" + (f" (unknown: {', '.join(fit.unknown)})" if fit.unknown else "")
             self.fit_label.setText(f"<span style='color:#8c8'>✓ {html.escape(text)}</span>")
 
-    def _cached_model(self, src: str) -> Any:
-        try:
-            return self.model(src)
-        except Exception as err:
-            report_error(err, f"Cannot load {src}")
-            return None
-
     def model(self, source: str | None = None) -> Any:
         """The loaded model for ``source`` (default: the selection), cached per (source, device, file time)."""
         return self.picker.model(self.device_combo.currentText(), source)
@@ -316,11 +290,9 @@ class ModelWidget(QWidget):
                 raise ValueError("no image layer: open an image first")
             model = self.model()
             job = self._plan(model, layer)
-            from napari_medssl.inference import training_flip_axes
-
             # Mirror TTA mirrors only what training flipped: nothing for a model trained without flips
-            tta = self.tta_check.isChecked() and getattr(model, "task", None) == "segment"
-            job["mirror"] = training_flip_axes(model) if tta else ()
+            tta = self.tta_check.isChecked() and model.spec.task == "segment"
+            job["mirror"] = model.spec.flip_axes if tta else ()
             job["no_mirror"] = tta and not job["mirror"]
         except Exception as err:
             report_error(err, "Cannot run the model")
@@ -352,7 +324,7 @@ class ModelWidget(QWidget):
         """What to feed the model: the whole image/volume or the current plane."""
         rgb = bool(layer.rgb)
         spatial = layer.ndim
-        model_dims = int(getattr(model, "spatial_dims", 2))
+        model_dims = model.spec.spatial_dims
         if spatial > 3:
             raise ValueError(f"images with {spatial} axes are not supported; use a 2D image or a 3D volume")
         if model_dims == 3 and spatial != 3:
@@ -401,25 +373,16 @@ class ModelWidget(QWidget):
     def _show(self, model: Any, layer: Image, job: dict[str, Any], out: np.ndarray) -> None:
         """Put a finished result into the dock and the viewer (GUI thread)."""
         self.last_result = out
-        names = class_names(model, self._card())
+        names = model.spec.names()
         if isinstance(out, dict):  # a mammography patch classifier: probabilities and an abnormality map
             self._show_probabilities(layer, job, out["probabilities"], names)
             self._show_heatmap(layer, out["heatmap"])
-        elif getattr(model, "task", None) == "classify":
+        elif model.spec.task == "classify":
             self._show_probabilities(layer, job, out, names)
         else:
             self._show_labels(layer, job, out, names)
         note = " (no mirror TTA: this model was trained without random flips)" if job.get("no_mirror") else ""
         self.status_label.setText("done" + note)
-
-    def _card(self) -> dict[str, Any]:
-        src = self.source()
-        if self.picker.is_checkpoint():
-            return {}
-        try:
-            return zoo_card(src)
-        except Exception:
-            return {}
 
     def _show_probabilities(
         self, layer: Image, job: dict[str, Any], probs: np.ndarray, names: list[str]

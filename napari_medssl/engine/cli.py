@@ -593,7 +593,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if args.fp16:
         model = model.half()
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, out, extra=model.checkpoint_extra)
+    save_model(model, out, extra=dict(model.spec.extra))
     size = out.stat().st_size / 1e6
     print(f"{out}: {len(paths)} members, {model.spec.num_classes} classes, {size:.1f} MB")
     return 0

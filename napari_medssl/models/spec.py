@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -111,6 +111,20 @@ class ModelSpec:
     def replace(self, **changes: Any) -> ModelSpec:
         """A copy with some fields changed (``dataclasses.replace``)."""
         return replace(self, **changes)
+
+    def __deepcopy__(self, memo: dict) -> ModelSpec:  # immutable: a model's deep copy (EMA) shares it
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:  # pickle the read-only mappings as dicts
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return (_unpickle, ({k: dict(v) if k in _MAPPINGS and v is not None else v for k, v in state.items()},))
+
+
+_MAPPINGS = ("domain", "card", "extra", "train_config")
+
+
+def _unpickle(state: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(**{k: _frozen(v) if k in _MAPPINGS and v is not None else v for k, v in state.items()})
 
 
 def _class_names(extra: Mapping[str, Any], card: Mapping[str, Any]) -> tuple[str, ...]:
