@@ -21,6 +21,7 @@ from napari_medssl.engine.data import mias_woman
 from napari_medssl.engine.metrics import bootstrap_auc
 from napari_medssl.engine.readers import read_image
 from napari_medssl.models.registry import create_model, save_model
+from napari_medssl.models.spec import attach_spec
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,7 @@ class _Bright(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(()))
+        attach_spec(self)  # the model contract every create_model model carries
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = (x > 0.9).float().flatten(1).mean(1, keepdim=True) * 50 * self.w - 2
