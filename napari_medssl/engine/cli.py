@@ -467,6 +467,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = zoo.load(args.model, device=args.device)
     spec = model.spec
+    ckpt = Path(spec.weights_path)  # the weights file the provenance records
     if not spec.predicts:
         raise ValueError(f"{args.model} is a {spec.task!r} model; fine-tune it before predicting")
     axis = args.slice_axis if args.slice_axis is not None else spec.slice_axis
