@@ -63,10 +63,17 @@ def choose_model(cards: dict[str, dict[str, Any]], spatial_dims: int, hint: str)
 PREDICTORS = ("segment", "classify")
 
 
+def _predicts(card: dict[str, Any]) -> bool:
+    """A segmenter or classifier meant to predict (not a pretrained backbone or a fine-tuning starting point)."""
+    purpose = (card.get("domain") or {}).get("purpose", "predict")
+    return card.get("task") in PREDICTORS and purpose == "predict"
+
+
 def choose_fitting_model(
     cards: dict[str, dict[str, Any]], facts: Any, hint: str
 ) -> tuple[str | None, str | None]:
-    """The :func:`choose_model` pick among the segmenters and classifiers whose domain fits the image.
+    """The :func:`choose_model` pick among the segmenters and classifiers whose domain fits the image (not
+    those whose card's ``domain.purpose`` is ``starting point``: models to fine-tune, not to predict with).
 
     Args:
         cards: zoo cards by name.
@@ -83,13 +90,11 @@ def choose_fitting_model(
     if not cards:
         return None, None
     verdicts = domain.fitting(cards, facts)
-    usable = {n: c for n, c in cards.items() if verdicts[n].fits and c.get("task") in PREDICTORS}
+    usable = {n: c for n, c in cards.items() if verdicts[n].fits and _predicts(c)}
     pick = choose_model(usable, facts.spatial_dims, hint)
     if pick is not None:
         return pick, None
-    nearest = choose_model(
-        {n: c for n, c in cards.items() if c.get("task") in PREDICTORS}, facts.spatial_dims, hint
-    )
+    nearest = choose_model({n: c for n, c in cards.items() if _predicts(c)}, facts.spatial_dims, hint)
     starters = sorted(n for n, v in verdicts.items() if v.fits)
     parts = [f"No shipped model fits {facts.name} ({domain.describe_image(facts)}): none was selected."]
     if nearest is not None:

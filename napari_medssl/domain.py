@@ -34,10 +34,12 @@ DOMAIN_FIELDS = {
     "size_voxels": "{min, max (checked only when the spacing is unknown), trained_min, trained_max}",
     "intensity": "how intensities are normalised before the model (text)",
     "notes": "anything else a user should know (text)",
+    "purpose": "'predict' (default) or 'starting point': a model meant to be fine-tuned, never auto-selected",
 }
 """Keys of a card's ``domain:`` block and what each holds. Only ``summary`` is required."""
 
 RANGE_KEYS = ("spacing_mm", "fov_mm", "size_voxels")
+PURPOSES = ("predict", "starting point")
 UNKNOWN_MODALITIES = {"", "OT", "UNKNOWN", "NONE"}
 NOT_MEANINGFUL = "the predictions will not be meaningful"
 
@@ -340,6 +342,10 @@ def validate_domain(domain: Any, where: str = "domain") -> None:
     extra = set(domain) - set(DOMAIN_FIELDS)
     if extra:
         raise ValueError(f"{where}: unknown keys {sorted(extra)}; allowed: {', '.join(DOMAIN_FIELDS)}")
+    if domain.get("purpose", "predict") not in PURPOSES:
+        raise ValueError(
+            f"{where}.purpose must be one of {', '.join(PURPOSES)}, got {domain.get('purpose')!r}"
+        )
     if not domain.get("summary"):
         raise ValueError(f"{where}: 'summary' (the training images in a few words) is required")
     dims = domain.get("image_dims") or [2, 3]

@@ -104,6 +104,11 @@ def test_launcher_selects_nothing_on_a_tcia_study_and_a_hippocampus_segmenter_on
     crop = domain.facts_from_volume(image(data_dir, "hippocampus/imagesTr/hippocampus_001.nii.gz"))
     chosen, warning = choose_fitting_model(cards, crop, "hippocampus")
     assert chosen in HIPPO_MODELS and cards[chosen]["task"] == "segment" and warning is None
+    # a starting point for fine-tuning that fits is named, never selected
+    start = {**cards["unet_tiny_hippocampus"], "name": "unet_start"}
+    start["domain"] = {**start["domain"], "purpose": "starting point", "fov_mm": None, "size_voxels": None}
+    chosen, warning = choose_fitting_model({**cards, "unet_start": start}, facts, "T1post")
+    assert chosen is None and "fine-tuning: dino_tiny_medical, unet_start." in warning
     chosen, _ = choose_fitting_model(
         cards, domain.facts_from_volume(image(data_dir, "mammography_mias/mdb005.png")), "x"
     )

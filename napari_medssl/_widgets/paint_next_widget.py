@@ -15,7 +15,6 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.colormaps import Colormap
-from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -29,16 +28,13 @@ from qtpy.QtWidgets import (
 
 from napari_medssl._widgets._common import LayerCombo, guarded, load_model, report_error
 from napari_medssl._widgets._session import get_session
+from napari_medssl._widgets.model_widget import _Relay  # progress from the worker thread
 
 TOP = 10
 UNCERTAINTY_COLORMAP = Colormap(
     [[1.0, 0.9, 0.0, 0.0], [1.0, 0.6, 0.0, 0.6], [1.0, 0.0, 0.3, 0.95]], name="medssl uncertainty"
 )
 """Transparent where the model is sure, yellow to red where it is not."""
-
-
-class _Relay(QObject):
-    progressed = Signal(int, int)
 
 
 class PaintNextWidget(QWidget):
