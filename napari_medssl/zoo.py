@@ -1,14 +1,21 @@
 """The model zoo: trained models described by cards, weights checked by sha256.
 
-A zoo folder holds one folder per model, named by family first (``unet_tiny_hippocampus``)::
+The cards ship inside the package, one file per model, named by family first (their only copy)::
 
-    models/<name>/card.yaml          what it is, how it was trained and measured (see CARD_FIELDS)
-    models/<name>/model.safetensors  the weights (safetensors; config in its metadata)
+    napari_medssl/zoo_cards/<name>.yaml   what it is, how it was trained and measured (see CARD_FIELDS)
 
-Folders searched, first match wins: each folder in ``$MEDSSL_MODELS_DIR`` (``os.pathsep``-separated), then
-the checkout's top-level ``models/``. A card may give ``weights.url``: missing weights are then fetched with
-pooch into ``$MEDSSL_CACHE_DIR`` (default pooch's cache) and checked against ``weights.sha256``. Every load
-checks the sha256; a mismatch is an error, never a silent load.
+The weights (safetensors; config in its metadata) are found, first match wins:
+
+1. a local folder: ``<dir>/<name>/model.safetensors`` for each ``<dir>`` of :func:`zoo_dirs` (the entries of
+   ``$MEDSSL_MODELS_DIR``, ``os.pathsep``-separated, then the checkout's top-level ``models/`` when running
+   from a checkout), so a checkout needs no network;
+2. the cache: fetched once with pooch from ``$MEDSSL_ZOO_URL/<name>/model.safetensors`` (a mirror, an
+   air-gapped site's server) or else the project's release assets (:data:`ZOO_URL`, same layout), into
+   ``$MEDSSL_CACHE_DIR`` (default pooch's user cache), and used from there offline afterwards.
+
+A local folder may also hold models of its own (``<dir>/<name>/card.yaml`` beside the weights; a card there
+takes precedence over a shipped one of the same name). Every load checks the sha256 against the card: a
+mismatch is an error, never a silent load, and a download that fails the check is not kept in the cache.
 
 A card's ``domain:`` block says which images the model is meant for (schema: ``domain.DOMAIN_FIELDS``):
 ``summary``, ``modality`` (DICOM Modality codes), ``body_part`` (BodyPartExamined values), ``structure``,
@@ -27,7 +34,14 @@ from napari_medssl._atomic import atomic_write, sha256_file
 
 CARD = "card.yaml"
 WEIGHTS = "model.safetensors"
-REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+PACKAGE_CARDS = Path(__file__).resolve().parent / "zoo_cards"
+"""The shipped cards: ``<name>.yaml`` (package data, so a wheel install lists the zoo)."""
+CHECKOUT = Path(__file__).resolve().parents[1]
+REPO_MODELS = CHECKOUT / "models"
+"""The checkout's local weights (``models/<name>/model.safetensors``); searched only in a checkout."""
+ZOO_URL = "https://github.com/napari-medssl/napari-medssl/releases/download"
+"""The project's release assets: model ``<name>`` is asset ``model.safetensors`` of the release tagged
+``<name>``, i.e. ``{ZOO_URL}/<name>/model.safetensors``, the layout ``$MEDSSL_ZOO_URL`` replaces it with."""
 CARD_FIELDS = (
     "name",  # folder name
     "description",  # one line
@@ -44,44 +58,62 @@ CARD_FIELDS = (
     "weights",  # {"file", "sha256", "size_bytes", "url" (optional)}
 )
 
-__all__ = ["card", "list_zoo", "load", "publish", "sha256_file", "weights_path", "zoo_dirs"]
+__all__ = [
+    "cache_dir",
+    "card",
+    "list_zoo",
+    "load",
+    "publish",
+    "sha256_file",
+    "weights_path",
+    "weights_url",
+    "zoo_dirs",
+]
 
 
 def zoo_dirs() -> list[Path]:
-    """Folders searched for models, in order: ``$MEDSSL_MODELS_DIR`` entries, then the checkout's ``models/``."""
+    """Local folders searched for ``<name>/model.safetensors`` (and local cards), in order:
+    ``$MEDSSL_MODELS_DIR`` entries, then the checkout's ``models/`` (absent in an installed package)."""
     env = os.environ.get("MEDSSL_MODELS_DIR", "")
     dirs = [Path(p) for p in env.split(os.pathsep) if p]
-    return [*dirs, REPO_MODELS]
+    if (CHECKOUT / "setup.cfg").is_file() and REPO_MODELS.is_dir():
+        dirs.append(REPO_MODELS)
+    return dirs
 
 
-def _folders() -> dict[str, Path]:
+def _cards() -> dict[str, Path]:
+    """Model name → its card file: local folders' ``<name>/card.yaml`` first, then the shipped cards."""
     found: dict[str, Path] = {}
     for root in zoo_dirs():
         if not root.is_dir():
             continue
         for d in sorted(root.iterdir()):
             if (d / CARD).is_file() and d.name not in found:
-                found[d.name] = d
+                found[d.name] = d / CARD
+    for path in sorted(PACKAGE_CARDS.glob("*.yaml")):
+        found.setdefault(path.stem, path)
     return found
 
 
 def list_zoo() -> list[str]:
-    """Names of the models in the zoo folders, sorted."""
-    return sorted(_folders())
+    """Names of the zoo's models (shipped cards and local folders' cards), sorted."""
+    return sorted(_cards())
 
 
 def card(name: str) -> dict[str, Any]:
-    """The card of zoo model ``name`` as a dict (plus ``"folder"``: where it lives).
+    """The card of zoo model ``name`` as a dict, plus ``"card_path"`` (its file) and ``"folder"`` (the local
+    folder holding it, for a card that is not shipped, else ``None``). ``weights.url`` is where the weights
+    are fetched from when no local folder has them (:func:`weights_url`).
 
     Raises:
         ValueError: no such model, a card without ``weights.sha256`` or with a malformed ``domain`` block.
     """
     import yaml
 
-    folders = _folders()
-    if name not in folders:
-        raise ValueError(f"no zoo model {name!r}; available: {', '.join(sorted(folders)) or 'none'}")
-    path = folders[name] / CARD
+    cards = _cards()
+    if name not in cards:
+        raise ValueError(f"no zoo model {name!r}; available: {', '.join(sorted(cards)) or 'none'}")
+    path = cards[name]
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -93,35 +125,82 @@ def card(name: str) -> dict[str, Any]:
         from napari_medssl.domain import validate_domain
 
         validate_domain(data["domain"], f"{path}: domain")
-    data["folder"] = str(folders[name])
+    data["card_path"] = str(path)
+    data["folder"] = str(path.parent) if path.name == CARD else None
+    weights["url"] = weights_url(name, weights.get("url"))
+    data["weights"] = weights
     return data
 
 
+def weights_url(name: str, card_url: str | None = None) -> str:
+    """Where zoo model ``name``'s weights are fetched from: ``$MEDSSL_ZOO_URL/<name>/model.safetensors`` when
+    that is set (a mirror replaces every source), else the card's own ``weights.url``, else the release
+    assets ``{ZOO_URL}/<name>/model.safetensors``."""
+    mirror = os.environ.get("MEDSSL_ZOO_URL", "").strip()
+    if mirror:
+        return f"{mirror.rstrip('/')}/{name}/{WEIGHTS}"
+    return card_url or f"{ZOO_URL}/{name}/{WEIGHTS}"
+
+
+def cache_dir() -> Path:
+    """Where fetched weights are kept: ``$MEDSSL_CACHE_DIR``, else pooch's user cache for napari-medssl."""
+    env = os.environ.get("MEDSSL_CACHE_DIR")
+    if env:
+        return Path(env)
+    import pooch
+
+    return Path(pooch.os_cache("napari-medssl"))
+
+
 def weights_path(name: str) -> Path:
-    """The verified weights file of zoo model ``name`` (fetched by URL when the card has one).
+    """The verified weights file of zoo model ``name``: a local folder's, else the cache's (fetched once).
 
     Raises:
-        FileNotFoundError: no local weights and no URL.
-        ValueError: the file's sha256 differs from the card's.
+        ValueError: no such model, or weights whose sha256 differs from the card's (local, cached or
+            downloaded; a failed download is not kept).
+        FileNotFoundError: no local weights, nothing cached, and the download failed (offline, no mirror).
     """
     c = card(name)
     weights = c["weights"]
-    path = Path(c["folder"]) / weights.get("file", WEIGHTS)
-    if not path.is_file():
-        url = weights.get("url")
-        if not url:
-            raise FileNotFoundError(f"zoo model {name}: weights {path} missing and the card gives no url")
-        import pooch
+    file = weights.get("file", WEIGHTS)
+    # a local card's weights sit beside it; a shipped card's in any local folder
+    local = [Path(c["folder"]) / file] if c["folder"] else [root / name / file for root in zoo_dirs()]
+    path = next((p for p in local if p.is_file()), None)
+    if path is not None:
+        digest = sha256_file(path)
+        if digest != weights["sha256"]:
+            raise ValueError(
+                f"zoo model {name}: {path} has sha256 {digest}, the card says {weights['sha256']}"
+            )
+        return path
+    return _fetch(name, weights["url"], weights["sha256"], local)
 
-        cache = os.environ.get("MEDSSL_CACHE_DIR") or pooch.os_cache("napari-medssl")
+
+def _fetch(name: str, url: str, sha256: str, searched: list[Path]) -> Path:
+    """The cached weights of ``name`` (pooch: downloaded from ``url`` unless already cached with this sha256)."""
+    import pooch
+
+    cache = cache_dir()
+    try:
         fetched = pooch.retrieve(
-            url, known_hash=f"sha256:{weights['sha256']}", path=cache, fname=f"{name}.safetensors"
+            url, known_hash=f"sha256:{sha256}", path=cache, fname=f"{name}.safetensors", progressbar=False
         )
-        return Path(fetched)
-    digest = sha256_file(path)
-    if digest != weights["sha256"]:
-        raise ValueError(f"zoo model {name}: {path} has sha256 {digest}, the card says {weights['sha256']}")
-    return path
+    except ValueError as err:
+        if "hash" not in str(err).lower():
+            raise
+        # pooch checks the download in a temporary file and deletes it when the hash differs
+        raise ValueError(
+            f"zoo model {name}: the weights from {url} fail their sha256 check (the card says {sha256}); "
+            f"nothing was cached ({err})"
+        ) from None
+    except Exception as err:  # requests' connection, HTTP and timeout errors
+        where = ", ".join(str(p.parent) for p in searched) or "no local zoo folder"
+        raise FileNotFoundError(
+            f"zoo model {name}: no local weights ({where}), none cached in {cache}, and fetching {url} failed "
+            f"({type(err).__name__}: {err}); set MEDSSL_ZOO_URL to a mirror or MEDSSL_MODELS_DIR to a folder "
+            f"holding {name}/{WEIGHTS}"
+        ) from None
+    return Path(fetched)
 
 
 def load(name_or_path: str | os.PathLike, device: str = "cpu") -> Any:
@@ -176,12 +255,14 @@ def publish(
         checkpoint: the ``.safetensors`` weights (``best.safetensors`` of a run).
         name: folder name, family first (``unet_tiny_hippocampus``).
         description, command, metrics, metrics_command, data, licence: card fields (see CARD_FIELDS).
-        dest: the zoo root (default the checkout's ``models/``).
+        dest: a local zoo folder: weights and card go to ``dest/<name>/``. Default: the checkout, weights to
+            ``models/<name>/model.safetensors`` and the card into the package (``zoo_cards/<name>.yaml``),
+            its one copy; upload the weights as the release asset ``{ZOO_URL}/<name>/model.safetensors``.
         max_mb: refuse weights larger than this.
         **more: extra card fields (``split``, ``notes`` ...).
 
     Returns:
-        The model's folder.
+        The folder holding the weights.
     """
     import yaml
 
@@ -213,5 +294,6 @@ def publish(
     }
     from napari_medssl._atomic import atomic_write_text
 
-    atomic_write_text(folder / CARD, yaml.safe_dump(entry, sort_keys=False, allow_unicode=True))
+    card_file = folder / CARD if dest else PACKAGE_CARDS / f"{name}.yaml"
+    atomic_write_text(card_file, yaml.safe_dump(entry, sort_keys=False, allow_unicode=True))
     return folder

@@ -1,4 +1,6 @@
-"""Publish a training run's best checkpoint into the zoo (``models/<name>/``) with metrics from ``medssl evaluate``.
+"""Publish a training run's best checkpoint into the zoo with metrics from ``medssl evaluate``: the weights go to
+``models/<name>/model.safetensors`` (local, and the file to upload as release asset ``<name>/model.safetensors``,
+see ``zoo.ZOO_URL``), the card to ``napari_medssl/zoo_cards/<name>.yaml`` (shipped in the package).
 
 Steps: (1) take ``RUN/best.safetensors``; ``--fp16`` stores the weights as float16 (they load into float32
 models; needed to stay under 10 MB for models that carry a ViT), ``--dino-backbone`` keeps only a DINO run's
@@ -126,7 +128,7 @@ def rename_classes(name: str, class_names: list[str]) -> Path:
         state, config, extra = read_checkpoint(src)
         fp16 = any(v.dtype == torch.float16 for v in state.values())
         ckpt = convert(run, fp16, False, [], class_names)
-        for key in ("name", "architecture", "task", "classes", "weights", "folder"):
+        for key in ("name", "architecture", "task", "classes", "weights", "folder", "card_path"):
             card.pop(key, None)
         fields = {
             k: card.pop(k)

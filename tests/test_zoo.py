@@ -134,3 +134,90 @@ def test_weights_fetched_by_url_and_checked(trained, zoo_dir, tmp_path, monkeypa
             zoo.weights_path("unet_tiny_hippocampus")
     finally:
         server.shutdown()
+
+
+SHIPPED = "unet_tiny_hippocampus"
+
+
+def test_cards_ship_in_the_package_once_and_match_the_checkouts_weights():
+    """One copy of each card (``napari_medssl/zoo_cards/<name>.yaml``), none left in the checkout's models/,
+    and each card's sha256 is that of the checkout's weights."""
+    shipped = sorted(p.stem for p in zoo.PACKAGE_CARDS.glob("*.yaml"))
+    assert len(shipped) >= 11 and SHIPPED in shipped
+    assert not list(zoo.REPO_MODELS.glob("*/card.yaml")), "cards belong in napari_medssl/zoo_cards/"
+    for name in shipped:
+        card = zoo.card(name)
+        assert card["name"] == name and card["folder"] is None
+        assert card["weights"]["url"] == f"{zoo.ZOO_URL}/{name}/model.safetensors"
+        assert zoo.sha256_file(zoo.REPO_MODELS / name / "model.safetensors") == card["weights"]["sha256"]
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """The zoo as an installed package sees it: no checkout folder, an empty cache, no local folders."""
+    monkeypatch.setattr(zoo, "CHECKOUT", tmp_path / "not_a_checkout")
+    monkeypatch.delenv("MEDSSL_MODELS_DIR", raising=False)
+    monkeypatch.setenv("MEDSSL_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_mirror_then_offline_from_the_cache(installed, monkeypatch):
+    from helpers_mirror import mirror_folder, serve
+
+    src = zoo.REPO_MODELS / SHIPPED / "model.safetensors"
+    assert zoo.zoo_dirs() == [] and SHIPPED in zoo.list_zoo()
+    folder = mirror_folder(installed / "mirror", {SHIPPED: src})
+    with serve(folder) as (url, hits):
+        monkeypatch.setenv("MEDSSL_ZOO_URL", url + "/")
+        assert zoo.card(SHIPPED)["weights"]["url"] == f"{url}/{SHIPPED}/model.safetensors"
+        path = zoo.weights_path(SHIPPED)
+        assert hits == [f"/{SHIPPED}/model.safetensors"]
+    assert path.parent == installed / "cache" and zoo.sha256_file(path) == zoo.sha256_file(src)
+    assert zoo.weights_path(SHIPPED) == path  # server stopped: from the cache, sha256-checked
+    assert zoo.load(SHIPPED).num_classes == 3
+    monkeypatch.setenv("MEDSSL_CACHE_DIR", str(installed / "empty_cache"))
+    with pytest.raises(FileNotFoundError, match="set MEDSSL_ZOO_URL to a mirror or MEDSSL_MODELS_DIR"):
+        zoo.weights_path(SHIPPED)  # nothing cached there and the mirror is gone
+
+
+def test_a_mirror_serving_other_bytes_is_refused_and_nothing_is_cached(installed, monkeypatch):
+    from helpers_mirror import mirror_folder, serve
+
+    wrong = zoo.REPO_MODELS / "mim_tiny_hippocampus" / "model.safetensors"  # real weights, of another model
+    with serve(mirror_folder(installed / "mirror", {SHIPPED: wrong})) as (url, hits):
+        monkeypatch.setenv("MEDSSL_ZOO_URL", url)
+        with pytest.raises(ValueError, match="fail their sha256 check .* nothing was cached"):
+            zoo.weights_path(SHIPPED)
+        assert len(hits) == 1
+    cache = installed / "cache"
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_local_weights_win_without_network(tmp_path, monkeypatch):
+    """From a checkout, and from a MEDSSL_MODELS_DIR folder holding only weights: no request is made (the
+    mirror named is a closed port)."""
+    monkeypatch.setenv("MEDSSL_ZOO_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("MEDSSL_CACHE_DIR", str(tmp_path / "cache"))
+    assert zoo.weights_path(SHIPPED) == zoo.REPO_MODELS / SHIPPED / "model.safetensors"
+    local = tmp_path / "site_models"
+    (local / SHIPPED).mkdir(parents=True)
+    (local / SHIPPED / "model.safetensors").write_bytes(
+        (zoo.REPO_MODELS / SHIPPED / "model.safetensors").read_bytes()
+    )
+    monkeypatch.setenv("MEDSSL_MODELS_DIR", str(local))
+    monkeypatch.setattr(zoo, "CHECKOUT", tmp_path / "not_a_checkout")
+    assert zoo.weights_path(SHIPPED) == local / SHIPPED / "model.safetensors"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_publish_into_the_checkout_writes_the_card_into_the_package(trained, tmp_path, monkeypatch):
+    """The default destination: weights to models/<name>/, the card to napari_medssl/zoo_cards/<name>.yaml."""
+    monkeypatch.setattr(zoo, "REPO_MODELS", tmp_path / "models")
+    monkeypatch.setattr(zoo, "PACKAGE_CARDS", tmp_path / "zoo_cards")
+    (tmp_path / "zoo_cards").mkdir()
+    folder = _publish(*trained, dest=None, name="unet_tiny_published")
+    assert folder == tmp_path / "models" / "unet_tiny_published"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+    card = yaml.safe_load((tmp_path / "zoo_cards" / "unet_tiny_published.yaml").read_text())
+    assert card["weights"]["sha256"] == zoo.sha256_file(folder / "model.safetensors")
+    assert "url" not in card["weights"]  # derived from ZOO_URL / $MEDSSL_ZOO_URL, not stored
