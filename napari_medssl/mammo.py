@@ -438,8 +438,10 @@ def evaluate_folder(
     batch_size: int = 32,
     device: torch.device | None = None,
     progress: Callable[[int, int], Any] | None = None,
+    ids: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Image-level metrics of a mammography patch classifier on a mini-MIAS-format folder.
+    """Image-level metrics of a mammography patch classifier on a mini-MIAS-format folder (all its images,
+    or the image stems ``ids``).
 
     Every image is scored with the model's own pipeline (:func:`pipeline_of`; :data:`DEFAULT_PIPELINE` when
     the checkpoint records none). Returns ``{"metrics": {auc, auc_ci95_low, auc_ci95_high (bootstrap over
@@ -449,7 +451,7 @@ def evaluate_folder(
     from napari_medssl.engine.metrics import bootstrap_auc
 
     pipe = pipeline_of(model) or dict(DEFAULT_PIPELINE)
-    ids = sorted(read_findings(Path(root) / "labels.csv"))
+    ids = sorted(read_findings(Path(root) / "labels.csv")) if ids is None else ids
     rows = []
     for n, stem in enumerate(ids):
         im = prepare_images(root, [stem], pipe["threshold"])[0]

@@ -59,17 +59,24 @@ def checkpoint_extra(method: str, args: argparse.Namespace, trained_on: list[str
             "batch_size": args.batch_size,
             "finetune_lr": args.lr,
             "trained_on_images": len(trained_on),
+            "encoder": encoder_of(args),
             "script": "scripts/mammo_cv.py",
         },
         "trained_on": trained_on,
     }
 
 
-def evaluate_fold(model: torch.nn.Module, images: list[mammo.MammoImage]) -> list[dict]:
+def encoder_of(args: argparse.Namespace) -> dict:
+    """Encoder-size overrides (the same for every method); empty for the CPU defaults of METHODS."""
+    keys = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.heads}
+    return {k: v for k, v in keys.items() if v}
+
+
+def evaluate_fold(model: torch.nn.Module, images: list[mammo.MammoImage], batch_size: int = 32) -> list[dict]:
     rows = []
     pipe = mammo.DEFAULT_PIPELINE
     for im in images:
-        res = mammo.score_crop(model, im.crop, pipe)
+        res = mammo.score_crop(model, im.crop, pipe, batch_size)
         hit = mammo.inside_finding(res["peak"], im.findings, pipe["finding_margin"]) if im.findings else None
         rows.append(
             {
@@ -116,7 +123,7 @@ def train_classifier(
 ) -> torch.nn.Module:
     """Fine-tune ``method``'s patch classifier (from ``pre``) on ``train`` and save it to ``path``."""
     torch.manual_seed(seed)
-    model = mt.classifier_from(method, pre)
+    model = mt.classifier_from(method, pre, encoder_of(args), args.device)
     sampler = mammo.PatchSampler(train, seed=seed + 100)
     what = f"{method} {path.stem}"
     mt.finetune(
@@ -133,12 +140,19 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
     if method != "scratch":
         pre_path = mdir / "pretrained.safetensors"
         if pre_path.is_file():
-            pre = load_model(pre_path)
+            pre = load_model(pre_path, map_location=args.device)
         else:
             torch.manual_seed(args.seed)
             sampler = mammo.PatchSampler(images, seed=args.seed)
             pre = mt.pretrain(
-                method, sampler, args.pretrain_steps, args.batch_size, lr=1e-3, log=lambda m: log(m, out)
+                method,
+                sampler,
+                args.pretrain_steps,
+                args.batch_size,
+                lr=1e-3,
+                log=lambda m: log(m, out),
+                device=args.device,
+                encoder=encoder_of(args),
             )
             save_model(pre, pre_path, {"task": "pretrain", "mammo": dict(mammo.DEFAULT_PIPELINE)})
     rows: list[dict] = []
@@ -150,7 +164,7 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
         train = [im for im, k in zip(images, folds) if k != f]
         test = [im for im, k in zip(images, folds) if k == f]
         model = train_classifier(method, pre, train, args.seed + f, mdir / f"fold{f}.safetensors", args, out)
-        fold_rows = [dict(r, fold=f) for r in evaluate_fold(model, test)]
+        fold_rows = [dict(r, fold=f) for r in evaluate_fold(model, test, args.eval_batch)]
         fold_json.write_text(json.dumps(fold_rows))
         rows += fold_rows
         log(
@@ -172,6 +186,62 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
     return summary
 
 
+def paired_difference(
+    a: list[dict], b: list[dict], n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """AUC(a) − AUC(b) on the same images with a bootstrap 95 % interval (women resampled, both together)."""
+    from napari_medssl.engine.metrics import roc_auc
+
+    sb = {r["id"]: r["score_topk"] for r in b}
+    ids = [r["id"] for r in a if r["id"] in sb]
+    sa = {r["id"]: r["score_topk"] for r in a}
+    lab = {r["id"]: r["abnormal"] for r in a}
+    women = sorted({r["woman"] for r in a})
+    members = {w: [r["id"] for r in a if r["woman"] == w and r["id"] in sb] for w in women}
+
+    def diff(sel: list[str]) -> float:
+        y = np.array([lab[i] for i in sel])
+        return roc_auc(np.array([sa[i] for i in sel]), y) - roc_auc(np.array([sb[i] for i in sel]), y)
+
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        sel = [i for j in rng.integers(0, len(women), len(women)) for i in members[women[j]]]
+        if len({lab[i] for i in sel}) == 2:
+            vals.append(diff(sel))
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return diff(ids), float(lo), float(hi)
+
+
+def table(out: Path, methods: list[str]) -> str:
+    """Markdown table of the finished methods' summaries and paired AUC differences against MIRAM."""
+    rows, per = [], {}
+    for m in methods:
+        if not (out / m / "summary.json").is_file():
+            continue
+        s = json.loads((out / m / "summary.json").read_text())
+        per[m] = [r for f in range(s["folds"]) for r in json.loads((out / m / f"fold{f}.json").read_text())]
+        lo, hi = s["auc_topk_ci95"]
+        lo_m, hi_m = s["auc_max_ci95"]
+        rows.append(
+            f"| {m} | {s['pretrain_steps']} + {s['finetune_steps']} | {s['auc_topk']:.3f} ({lo:.3f}–{hi:.3f}) | "
+            f"{s['auc_max']:.3f} ({lo_m:.3f}–{hi_m:.3f}) | {s['peak_hits']}/{s['n_marked']} "
+            f"({100 * s['peak_hit_rate']:.0f} %) |"
+        )
+    head = (
+        "| method | steps (pretrain + fine-tune) | AUC top-3 mean (95 % CI) | AUC max (95 % CI) | "
+        "heatmap peak in finding |\n|---|---|---|---|---|"
+    )
+    lines = [head, *rows]
+    if "miram" in per:
+        for m in [k for k in per if k != "miram"]:
+            d, lo, hi = paired_difference(per["miram"], per[m])
+            lines.append(
+                f"\nMIRAM − {m}: AUC {d:+.3f} (paired bootstrap 95 % interval {lo:+.3f} .. {hi:+.3f})"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="mini-MIAS-format folder (labels.csv + images)")
@@ -186,11 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning peak learning rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast in training on cuda)")
+    ap.add_argument("--eval-batch", type=int, default=32, help="windows per forward pass when scoring")
+    ap.add_argument("--embed-dim", type=int, help="encoder width for every method (default 128)")
+    ap.add_argument("--depth", type=int, help="encoder depth for every method (default 4)")
+    ap.add_argument("--heads", type=int, help="encoder heads for every method (default 4)")
+    ap.add_argument("--table", action="store_true", help="print the finished methods' table and stop")
+    ap.add_argument("--prepare-only", action="store_true", help="crop the images into OUT/prepared.pkl, stop")
     ap.add_argument("--limit", type=int, help="only the first N images (smoke tests)")
     ap.add_argument("--final", action="store_true", help="also fine-tune on every woman (the shipped model)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.table:
+        print(table(out, args.methods))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "prepared.pkl"
     if cache.is_file():
@@ -198,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         images = mammo.prepare_images(args.data)
         cache.write_bytes(pickle.dumps(images))
+    if args.prepare_only:
+        return 0
     if args.limit:
         images = images[: args.limit]
     folds = mt.woman_folds(

@@ -157,6 +157,9 @@ def main() -> None:
     p.add_argument("--class-names", nargs="+", help="name the classes in the published weights (in order)")
     p.add_argument("--metrics-json", help="metrics for a model `medssl evaluate` cannot score (pretraining)")
     p.add_argument("--metrics-command", default="", help="how --metrics-json was measured")
+    p.add_argument(
+        "--split-note", help="what the split is, for the card (default: the data set's split file)"
+    )
     args = p.parse_args()
 
     ckpt = convert(args.run, args.fp16, args.dino_backbone, args.drop_config, args.class_names)
@@ -164,7 +167,7 @@ def main() -> None:
     cfg_path = args.run / "config.json"  # absent for a model that was not trained itself (an ensemble)
     train_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
     split_entry = {
-        "file": SPLIT_FILES[args.dataset],
+        "file": args.split_note or SPLIT_FILES[args.dataset],
         "seed": split.get("seed"),
         "val_fraction": split.get("val_fraction"),
         "n_train": len(split["train"]),

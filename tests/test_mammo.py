@@ -107,13 +107,13 @@ def test_sliding_window_heatmap_peaks_on_the_finding() -> None:
     assert mammo.aggregate(np.array([0.1, 0.9, 0.5]), "topk", 2) == pytest.approx(0.7)
 
 
-def _tiny_classifier(path: Path) -> Path:
+def _tiny_classifier(path: Path, trained_on: list[str] | None = None) -> Path:
     torch.manual_seed(0)
     model = create_model(
         "vit_tiny", img_size=128, patch_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=2
     )
     extra = {"task": "classify", "class_names": ["normal", "abnormal"], "mammo": dict(mammo.DEFAULT_PIPELINE)}
-    return save_model(model, path, extra)
+    return save_model(model, path, {**extra, "trained_on": trained_on or []})
 
 
 def _predict(ckpt: Path, image: Path, out: Path, heatmap: Path) -> int:
@@ -163,6 +163,11 @@ def test_evaluate_auc_on_a_tiny_folder(mias: Path, test_output: Path) -> None:
     neg = [scores["mdb006"], scores["mdb007"]]
     expected = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
     assert m["auc"] == pytest.approx(expected)
+    # --split val: the folder's images the checkpoint does not list as trained on
+    ckpt = _tiny_classifier(folder.parent / "mammo_tiny_val.safetensors", ["mdb005", "mdb006"])
+    args = ["evaluate", "--model", str(ckpt), "--data", str(folder), "--out", str(out), "--device", "cpu"]
+    assert cli_main([*args, "--split", "val"]) == 0
+    assert [r["id"] for r in json.loads(out.read_text())["per_image"]] == ["mdb007", "mdb010"]
 
 
 def test_woman_folds_never_split_a_woman(mias: Path) -> None:

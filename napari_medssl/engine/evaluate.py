@@ -169,11 +169,17 @@ def _evaluate_mammo(
     model: nn.Module, data: Any, split: str, checkpoint: Any, batch_size: int, progress: Progress
 ) -> dict[str, Any]:
     """Sliding-window image-level evaluation of a mammography patch classifier (see :mod:`napari_medssl.mammo`)."""
-    if split != "all":
-        raise ValueError("mammography patch classifiers are evaluated on a whole folder: use --split all")
     if not (Path(data) / "labels.csv").is_file():
         raise ValueError(f"{data}: a mammography model needs a mini-MIAS-format folder (images + labels.csv)")
-    res = mammo.evaluate_folder(model, data, batch_size, next(model.parameters()).device, progress)
+    ids = None
+    if split == "val":  # the folder's images the model was not trained on (its checkpoint lists those)
+        seen = set((getattr(model, "checkpoint_extra", None) or {}).get("trained_on") or [])
+        if not seen:
+            raise ValueError("the checkpoint does not list the images it was trained on; use --split all")
+        ids = [i for i in sorted(mammo.read_findings(Path(data) / "labels.csv")) if i not in seen]
+        if not ids:
+            raise ValueError(f"every image in {data} was used to train this model: nothing held out")
+    res = mammo.evaluate_folder(model, data, batch_size, next(model.parameters()).device, progress, ids)
     names = list(model.spec.class_names) or ["normal", "abnormal"]
     return {
         "metrics": res["metrics"],
@@ -186,4 +192,3 @@ def _evaluate_mammo(
         "pipeline": res["pipeline"],
         "per_image": res["per_image"],
     }
-

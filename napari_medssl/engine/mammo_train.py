@@ -69,12 +69,17 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def build(method: str, num_classes: int = 0) -> torch.nn.Module:
-    """The method's model (``num_classes=0``: for pretraining; 2: a patch classifier)."""
+def build(method: str, num_classes: int = 0, **encoder: Any) -> torch.nn.Module:
+    """The method's model (``num_classes=0``: for pretraining; 2: a patch classifier); ``encoder`` overrides
+    the encoder size (``embed_dim``, ``depth``, ``num_heads``) for every method alike."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     name, cfg = METHODS[method]
-    return create_model(name, **cfg, num_classes=num_classes)
+    return create_model(name, **{**cfg, **encoder}, num_classes=num_classes)
+
+
+def _autocast(device: torch.device) -> Any:
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _loop(
@@ -92,7 +97,8 @@ def _loop(
     losses, t0 = [], time.time()
     for step in range(steps):
         _schedule(opt, lr, step, steps, warmup)
-        loss = loss_fn()
+        with _autocast(next(model.parameters()).device):
+            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -115,29 +121,36 @@ def pretrain(
     warmup: int = 20,
     weight_decay: float = 0.05,
     log: Log = None,
+    device: str | torch.device = "cpu",
+    encoder: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """Self-supervised pretraining of a method on unlabelled breast patches (its own objective)."""
-    model = build(method, 0)
+    model = build(method, 0, **(encoder or {})).to(device)
     if not hasattr(model, "pretrain_loss"):
         raise ValueError(f"{method} has no self-supervised objective")
 
     def loss() -> torch.Tensor:
         x, _ = sampler.batch(batch_size, labelled=False)
-        return model.pretrain_loss(x)["loss"]
+        return model.pretrain_loss(x.to(device, non_blocking=True))["loss"]
 
     _loop(model, loss, steps, lr, warmup, weight_decay, log, f"pretrain {method}")
     return model
 
 
-def classifier_from(method: str, pretrained: torch.nn.Module | None) -> torch.nn.Module:
-    """A 2-class patch classifier of ``method``; the pretrained weights that fit are copied in (the head and
-    anything of another shape start fresh)."""
-    model = build(method, 2)
+def classifier_from(
+    method: str,
+    pretrained: torch.nn.Module | None,
+    encoder: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """A 2-class patch classifier of ``method`` on ``device``; the pretrained weights that fit are copied in
+    (the head and anything of another shape start fresh)."""
+    model = build(method, 2, **(encoder or {}))
     if pretrained is not None:
         own = model.state_dict()
         fit = {k: v for k, v in pretrained.state_dict().items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(fit, strict=False)
-    return model
+    return model.to(device)
 
 
 def finetune(
@@ -153,9 +166,11 @@ def finetune(
 ) -> torch.nn.Module:
     """Train a patch classifier: finding patches (1) vs normal-tissue patches (0), cross-entropy."""
 
+    device = next(model.parameters()).device
+
     def loss() -> torch.Tensor:
         x, y = sampler.batch(batch_size, labelled=True)
-        return F.cross_entropy(model(x), y)
+        return F.cross_entropy(model(x.to(device, non_blocking=True)).float(), y.to(device))
 
     _loop(model, loss, steps, lr, warmup, weight_decay, log, what)
     return model
