@@ -488,10 +488,20 @@ def evaluate_folder(
 
 
 def heatmap_colormap(color: tuple[float, float, float] = (1.0, 0.2, 0.0)) -> np.ndarray:
-    """RGBA control points ``(4, 4)`` for showing a heatmap over the mammogram: transparent below 0.2, then
-    rising opacity to 0.8 at 1, so low scores leave the image readable and high ones stand out."""
+    """RGBA control points ``(4, 4)`` for showing a heatmap over the mammogram: transparent in the lower
+    quarter of the display range, then red to yellow with opacity rising to 0.55 at the top, so the tissue
+    under the hottest spot stays readable."""
     r, g, b = color
-    return np.array([[r, g, b, 0.0], [r, g, b, 0.0], [r, min(1.0, g + 0.5), b, 0.5], [1.0, 1.0, 0.2, 0.8]])
+    return np.array([[r, g, b, 0.0], [r, g, b, 0.0], [r, min(1.0, g + 0.4), b, 0.3], [1.0, 0.9, 0.1, 0.55]])
 
 
-HEATMAP_CONTROLS = np.array([0.0, 0.2, 0.6, 1.0])
+HEATMAP_CONTROLS = np.array([0.0, 0.25, 0.6, 1.0])
+
+
+def heatmap_display_range(heat: np.ndarray) -> tuple[float, float]:
+    """Contrast limits for showing a heatmap: from the breast's median value (so at least half of the breast
+    stays fully transparent) to the map's maximum; ``(0, 1)`` for an empty or flat map."""
+    inside = heat[heat > 0]
+    if inside.size == 0 or float(inside.max()) <= float(np.median(inside)):
+        return 0.0, 1.0
+    return float(np.median(inside)), float(inside.max())

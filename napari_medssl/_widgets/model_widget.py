@@ -421,7 +421,8 @@ class ModelWidget(QWidget):
         }
 
     def _show_heatmap(self, layer: Image, heat: np.ndarray) -> None:
-        """The abnormality map over the image: transparent where low (see ``mammo.heatmap_colormap``)."""
+        """The abnormality map over the image: transparent where low (``mammo.heatmap_colormap``), its contrast
+        from the breast's median to the map's maximum (``mammo.heatmap_display_range``)."""
         from napari.utils.colormaps import Colormap
 
         from napari_medssl import mammo
@@ -431,8 +432,13 @@ class ModelWidget(QWidget):
             self.viewer.layers.remove(name)
         cmap = Colormap(mammo.heatmap_colormap(), controls=mammo.HEATMAP_CONTROLS, name="medssl_abnormality")
         self.viewer.add_image(
-            heat, name=name, colormap=cmap, contrast_limits=(0.0, 1.0), blending="translucent",
-            scale=layer.scale, translate=layer.translate,
+            heat,
+            name=name,
+            colormap=cmap,
+            contrast_limits=mammo.heatmap_display_range(heat),
+            blending="translucent",
+            scale=layer.scale,
+            translate=layer.translate,
             metadata={"medssl": {"method": "abnormality heatmap", "model": self.source()}},  # an overlay
         )
 
