@@ -173,7 +173,7 @@ def _evaluate_mammo(
         raise ValueError(f"{data}: a mammography model needs a mini-MIAS-format folder (images + labels.csv)")
     ids = None
     if split == "val":  # the folder's images the model was not trained on (its checkpoint lists those)
-        seen = set((getattr(model, "checkpoint_extra", None) or {}).get("trained_on") or [])
+        seen = set(model.spec.extra.get("trained_on") or [])
         if not seen:
             raise ValueError("the checkpoint does not list the images it was trained on; use --split all")
         ids = [i for i in sorted(mammo.read_findings(Path(data) / "labels.csv")) if i not in seen]
