@@ -48,40 +48,46 @@ def write_labels_dicom_seg(path: str, data: Any, attributes: dict[str, Any]) -> 
     SEG, or given the image's ``io.grid_metadata``); else from an image layer of the current viewer with
     the same shape, scale and translate that was opened from DICOM by this plugin.
     """
-    from napari_medssl.io.dicom_seg import seg_inputs, write_seg
+    from napari_medssl.io.dicom_seg import write_seg
 
     if not str(path).lower().endswith(".dcm"):
         path = f"{path}.dcm"
-    metadata = dict(attributes.get("metadata") or {})
-    if not (metadata.get("reference_files") or metadata.get("format") == "dicom"):
-        source = _source_image_metadata(data, attributes)
-        metadata.update({k: source[k] for k in ("files", "format", "header") if k in source})
-    files, kwargs = seg_inputs(metadata)
-    return [str(write_seg(path, data, files, **kwargs))]
-
-
-def _source_image_metadata(data: Any, attributes: dict[str, Any]) -> dict[str, Any]:
-    """The metadata of the DICOM image layer these labels lie on in the current viewer (``{}`` if none)."""
-    import numpy as np
-
     try:
         import napari
 
         viewer = napari.current_viewer()
-    except Exception:  # no Qt / no viewer: a headless write
-        return {}
-    if viewer is None:
-        return {}
-    shape = tuple(np.shape(data))
-    for layer in viewer.layers:
-        md = getattr(layer, "metadata", None) or {}
-        if (
-            md.get("format") == "dicom"
-            and md.get("files")
-            and type(layer).__name__ == "Image"
-            and tuple(layer.data.shape[: layer.ndim]) == shape
-            and np.allclose(layer.scale, attributes.get("scale", layer.scale))
-            and np.allclose(layer.translate, attributes.get("translate", layer.translate))
-        ):
-            return md
-    return {}
+    except Exception:  # no Qt: a headless write
+        viewer = None
+    files, kwargs = seg_source(data, attributes, viewer.layers if viewer is not None else ())
+    return [str(write_seg(path, data, files, **kwargs))]
+
+
+def seg_source(data: Any, attributes: dict[str, Any], layers: Any = ()) -> tuple[list[str], dict[str, Any]]:
+    """The DICOM source files and ``build_seg`` keywords for a Labels layer's ``data`` and ``attributes``.
+
+    From the layer's own metadata (see ``io.dicom_seg.seg_inputs``), else from the first DICOM image layer
+    among ``layers`` with the same shape, scale and translate.
+
+    Raises:
+        MedicalImageWriteError: No DICOM series to reference.
+    """
+    import numpy as np
+
+    from napari_medssl.io.dicom_seg import seg_inputs
+
+    metadata = dict(attributes.get("metadata") or {})
+    if not (metadata.get("reference_files") or metadata.get("format") == "dicom"):
+        shape = tuple(np.shape(data))
+        for layer in layers:
+            md = getattr(layer, "metadata", None) or {}
+            if (
+                md.get("format") == "dicom"
+                and md.get("files")
+                and type(layer).__name__ == "Image"
+                and tuple(layer.data.shape[: layer.ndim]) == shape
+                and np.allclose(layer.scale, attributes.get("scale", layer.scale))
+                and np.allclose(layer.translate, attributes.get("translate", layer.translate))
+            ):
+                metadata.update({k: md[k] for k in ("files", "format", "header") if k in md})
+                break
+    return seg_inputs(metadata)

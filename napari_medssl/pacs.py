@@ -332,3 +332,33 @@ def push(
         if progress is not None:
             progress(stored)
     return stored
+
+
+def cache_dir() -> Path:
+    """Where the PACS dock keeps pulled series: ``$MEDSSL_CACHE_DIR/pacs`` (default pooch's cache folder)."""
+    root = os.environ.get("MEDSSL_CACHE_DIR")
+    if not root:
+        import pooch
+
+        root = str(pooch.os_cache("napari-medssl"))
+    return Path(root) / "pacs"
+
+
+def pull_for_viewing(client: Any, row: dict[str, Any], cache: str | os.PathLike | None = None) -> Path:
+    """Pull a :func:`find` row's series into ``cache/<study UID>/<series UID>`` for a viewer; return that folder.
+
+    A SEG series also gets its referenced source series pulled beside it (unless already there), so the SEG
+    opens on that series' grid.
+    """
+    import pydicom
+
+    study = Path(cache or cache_dir()) / str(row["study_uid"])
+    folder = study / str(row["series_uid"])
+    files = pull(client, row["series_uid"], folder, study_uid=row["study_uid"])
+    if str(row.get("modality")) == "SEG":
+        from napari_medssl.io.dicom_seg import referenced_series_uid
+
+        source = referenced_series_uid(pydicom.dcmread(files[0], stop_before_pixels=True))
+        if source and not any((study / source).glob("*.dcm")):
+            pull(client, source, study / source, study_uid=row["study_uid"])
+    return folder

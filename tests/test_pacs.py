@@ -78,8 +78,9 @@ def test_round_trip_pull_segment_push_find(
         ]
         assert main(args) == 0
     assert main(["pacs", "push", orthanc_url, str(seg_path)]) == 0
-    (found,) = pacs.find(pacs.connect(orthanc_url), modality="SEG")
-    seg_uid = found["series_uid"]
+    seg_uid = _uid(seg_path)
+    found = pacs.find(pacs.connect(orthanc_url), modality="SEG")  # the session's PACS may hold other SEGs
+    assert [r["series_uid"] for r in found].count(seg_uid) == 1
     pacs.pull(
         pacs.connect(orthanc_url), seg_uid, cache / seg_uid
     )  # beside the source series, as the dock does

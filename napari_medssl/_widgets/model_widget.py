@@ -41,6 +41,7 @@ from napari_medssl._widgets._common import (
 from napari_medssl._widgets._common import load_model as load_model
 from napari_medssl._widgets._common import zoo_entries as zoo_entries
 from napari_medssl._widgets._session import ModelChoice, get_session
+from napari_medssl.io import grid_metadata
 
 SCOPES = ("current slice", "whole volume")
 NO_MODEL = "(no model)"
@@ -294,6 +295,7 @@ class ModelWidget(QWidget):
             tta = self.tta_check.isChecked() and model.spec.task == "segment"
             job["mirror"] = model.spec.flip_axes if tta else ()
             job["no_mirror"] = tta and not job["mirror"]
+            job["provenance"] = self._provenance(model, layer)
         except Exception as err:
             report_error(err, "Cannot run the model")
             return None
@@ -466,12 +468,33 @@ class ModelWidget(QWidget):
         target.data = data
         target.metadata = {
             **target.metadata,
-            "medssl": {"model": self.source(), "class_names": names, "prediction": True},
+            **grid_metadata(layer.metadata),  # the source grid and DICOM files: NIfTI / DICOM SEG export
+            "medssl": {
+                "model": self.source(),
+                "class_names": names,
+                "prediction": True,
+                "provenance": job.get("provenance"),
+                "segment_codes": self._card().get("segment_codes"),
+            },
         }
         counts = np.bincount(labels.ravel(), minlength=len(names))
         parts = [f"{names[i] if i < len(names) else i}: {int(c)}" for i, c in enumerate(counts) if i > 0]
         self.result_label.setText(
             f"<b>{html.escape(name)}</b><br>voxels per class: {html.escape(', '.join(parts))}"
+        )
+
+    def _provenance(self, model: Any, layer: Image) -> dict[str, Any]:
+        """The prediction's provenance (model, weights sha256, version, source series): napari_medssl.provenance."""
+        from napari_medssl import provenance
+
+        src = self.source()
+        ckpt = src if self.picker.is_checkpoint() else None
+        return provenance.record(
+            model,
+            checkpoint=ckpt,
+            name=None if ckpt else src,
+            source=layer.metadata.get("source"),
+            source_series_uid=provenance.series_uid(layer.metadata),
         )
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt override)
