@@ -19,35 +19,16 @@ SIDECAR_SUFFIX = ".json"
 """A prediction ``X`` gets its provenance in ``X.json`` (``pred.nii.gz`` → ``pred.nii.gz.json``)."""
 
 
-def model_facts(
-    model: Any, checkpoint: str | os.PathLike | None = None, name: str | None = None
-) -> dict[str, str | None]:
-    """``{"model", "weights_sha256"}`` of a loaded model.
-
-    Uses ``model.spec`` (name/source and weights sha256) when the model carries one; else the zoo card
-    (``model.card``: name and ``weights.sha256``); else ``name`` (a zoo name) or the checkpoint's path,
-    with the checkpoint file's sha256.
-    """
-    spec = getattr(model, "spec", None)
-    if spec is not None and getattr(spec, "weights_sha256", None):
-        name = getattr(spec, "source", None) or getattr(spec, "name", None)
-        return {"model": str(name), "weights_sha256": str(spec.weights_sha256)}
-    card = getattr(model, "card", None) or {}
-    if card.get("name") and (card.get("weights") or {}).get("sha256"):
-        return {"model": str(card["name"]), "weights_sha256": str(card["weights"]["sha256"])}
-    if checkpoint is not None and Path(checkpoint).is_file():
-        from napari_medssl.zoo import sha256_file
-
-        return {"model": name or str(checkpoint), "weights_sha256": sha256_file(checkpoint)}
-    config = getattr(model, "config", None) or {}
-    return {"model": name or str(config.get("name", type(model).__name__)), "weights_sha256": None}
+def model_facts(model: Any) -> dict[str, str | None]:
+    """``{"model", "weights_sha256"}`` of a loaded model, from ``model.spec``: the zoo name or checkpoint path
+    it was loaded from (the architecture's name for a fresh model) and the sha256 of its weights file."""
+    spec = model.spec
+    return {"model": str(spec.source or spec.name), "weights_sha256": spec.weights_sha256}
 
 
 def record(
     model: Any,
     *,
-    checkpoint: str | os.PathLike | None = None,
-    name: str | None = None,
     source: str | os.PathLike | None = None,
     source_series_uid: str | None = None,
 ) -> dict[str, Any]:
@@ -55,7 +36,7 @@ def record(
     from napari_medssl import __version__
 
     return {
-        **model_facts(model, checkpoint, name),
+        **model_facts(model),
         "package": "napari-medssl",
         "package_version": __version__,
         "source": None if source is None else str(source),

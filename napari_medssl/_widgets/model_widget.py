@@ -487,12 +487,8 @@ class ModelWidget(QWidget):
         """The prediction's provenance (model, weights sha256, version, source series): napari_medssl.provenance."""
         from napari_medssl import provenance
 
-        src = self.source()
-        ckpt = src if self.picker.is_checkpoint() else None
         return provenance.record(
             model,
-            checkpoint=ckpt,
-            name=None if ckpt else src,
             source=layer.metadata.get("source"),
             source_series_uid=provenance.series_uid(layer.metadata),
         )

@@ -449,13 +449,12 @@ def _check_domain(model: Any, volume: Any, path: Path, args: argparse.Namespace)
     sys.stderr.write(f"medssl predict: warning: {path.name}: {fit.message}\n")
 
 
-def _provenance(model: Any, ckpt: Path, spec: str, path: Path, loaded: Any) -> dict[str, Any]:
-    """The provenance record of one prediction (model name as given, weights sha256, source series UID)."""
+def _provenance(model: Any, path: Path, loaded: Any) -> dict[str, Any]:
+    """The provenance record of one prediction (model.spec's source and weights sha256, source series UID)."""
     from napari_medssl import provenance
 
-    name = spec if not Path(spec).exists() else None  # a zoo name; a path names itself
     uid = provenance.series_uid(loaded.metadata)
-    return provenance.record(model, checkpoint=ckpt, name=name, source=path, source_series_uid=uid)
+    return provenance.record(model, source=path, source_series_uid=uid)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -467,7 +466,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = zoo.load(args.model, device=args.device)
     spec = model.spec
-    ckpt = Path(spec.weights_path)  # the weights file the provenance records
     if not spec.predicts:
         raise ValueError(f"{args.model} is a {spec.task!r} model; fine-tune it before predicting")
     axis = args.slice_axis if args.slice_axis is not None else spec.slice_axis
@@ -480,7 +478,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     output = Path(args.output)
     names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
     results: dict[str, Any] = {}
-    segment_codes = (zoo.card(args.model) if args.model in zoo.list_zoo() else {}).get("segment_codes")
+    segment_codes = (spec.card or {}).get("segment_codes")  # DICOM SEG codes per class (zoo card)
     for path in tqdm(inputs, desc="predict", unit="file", dynamic_ncols=True, disable=len(inputs) < 2):
         loaded = readers.read_any(path)
         _check_domain(model, loaded, path, args)
@@ -507,14 +505,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 labels,
                 loaded,
                 target,
-                _provenance(model, ckpt, args.model, path, loaded),
+                _provenance(model, path, loaded),
                 names,
                 segment_codes=segment_codes,
             )
             results[path.name] = str(written)
         elif mammo.pipeline_of(model) is not None:  # full-resolution patches, sliding window, heatmap
             results[path.name] = _predict_mammogram(model, loaded.data, path, args, len(inputs), names)
-            results[path.name]["provenance"] = _provenance(model, ckpt, args.model, path, loaded)
+            results[path.name]["provenance"] = _provenance(model, path, loaded)
         else:
             probs = inference.classify(
                 model, loaded.data, slice_axis=axis, batch_size=args.batch_size, rgb=loaded.rgb
@@ -525,7 +523,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 probs = probs.mean(0)
             entry["probabilities"] = {n: round(float(p), 6) for n, p in zip(names, probs)}
             entry["prediction"] = names[int(probs.argmax())]
-            entry["provenance"] = _provenance(model, ckpt, args.model, path, loaded)
+            entry["provenance"] = _provenance(model, path, loaded)
             results[path.name] = entry
     if spec.task == "classify":
         if output.suffix.lower() != ".json":
