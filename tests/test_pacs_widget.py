@@ -13,7 +13,8 @@ import pydicom
 import pytest
 
 from napari_medssl import pacs
-from napari_medssl._widgets import PacsWidget
+from napari_medssl._widgets import ModelWidget, PacsWidget
+from napari_medssl._writer import seg_source
 from napari_medssl.io import read_dicom
 
 pytestmark = pytest.mark.gui
@@ -54,6 +55,22 @@ def test_pacs_dock_search_open_send_seg_and_open_it_back(
     image = viewer.layers["T1post"]
     assert image.data.shape == (25, 320, 260) and image.metadata["format"] == "dicom"
     assert Path(image.metadata["source"]).is_relative_to(tmp_path / "cache" / "pacs")
+
+    # the Model dock's prediction on the pulled series carries its DICOM source and provenance
+    model_dock = ModelWidget(viewer)
+    model_dock.select("unet_tiny_hippocampus", device="cpu")
+    model_dock.scope_combo.setCurrentText("current slice")
+    model_dock.run()
+    qtbot.waitUntil(lambda: model_dock._worker is None, timeout=120_000)
+    predicted = viewer.layers["T1post segmentation"]
+    files, kwargs = seg_source(predicted.data, {"metadata": predicted.metadata}, viewer.layers)
+    assert files == image.metadata["files"]
+    assert kwargs["provenance"]["model"] == "unet_tiny_hippocampus"
+    assert kwargs["provenance"]["source_series_uid"] == str(
+        pydicom.dcmread(t1post[0], stop_before_pixels=True).SeriesInstanceUID
+    )
+    assert kwargs["segment_codes"]["anterior"]["type"] == "Hippocampus"
+    viewer.layers.remove(predicted)
 
     painted = viewer.add_labels(
         mask.data.copy(), name="tumour (painted)", scale=image.scale, translate=image.translate

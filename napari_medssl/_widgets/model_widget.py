@@ -296,6 +296,7 @@ class ModelWidget(QWidget):
             job["mirror"] = model.spec.flip_axes if tta else ()
             job["no_mirror"] = tta and not job["mirror"]
             job["provenance"] = self._provenance(model, layer)
+            job["segment_codes"] = (model.spec.card or {}).get("segment_codes")  # for a DICOM SEG export
         except Exception as err:
             report_error(err, "Cannot run the model")
             return None
@@ -474,7 +475,7 @@ class ModelWidget(QWidget):
                 "class_names": names,
                 "prediction": True,
                 "provenance": job.get("provenance"),
-                "segment_codes": self._card().get("segment_codes"),
+                "segment_codes": job.get("segment_codes"),
             },
         }
         counts = np.bincount(labels.ravel(), minlength=len(names))
