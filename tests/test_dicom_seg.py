@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pydicom
 import pytest
 
 from napari_medssl._reader import read_layers
-from napari_medssl._writer import write_labels_dicom_seg
+from napari_medssl._writer import write_labels_dicom_seg, write_labels_nifti
 from napari_medssl.engine.readers import write_prediction
 from napari_medssl.io import (
     MedicalImageReadError,
@@ -158,3 +159,11 @@ def test_napari_writer_writes_seg_for_labels_painted_on_the_series(study: dict) 
     back = read_seg(written)
     np.testing.assert_array_equal(back.data, study["mask"])
     assert back.metadata["provenance"]["model"] == PROV["model"]
+
+
+def test_napari_nifti_writer_puts_a_predictions_provenance_beside_it(study: dict, tmp_path: Path) -> None:
+    _, kwargs, _ = layer_data(study["image"])
+    attributes = {"metadata": {**grid_metadata(kwargs["metadata"]), "medssl": {"provenance": PROV}}}
+    (written,) = write_labels_nifti(str(tmp_path / "pred.nii.gz"), study["mask"], attributes)
+    assert json.loads(Path(f"{written}.json").read_text()) == PROV
+    np.testing.assert_allclose(read_nifti(written).affine, study["image"].affine, atol=1e-4)

@@ -36,11 +36,13 @@ DEFAULT_URL = "http://127.0.0.1:8042/dicom-web"
 """Shown when ``$MEDSSL_PACS_URL`` is unset: a local Orthanc's DICOMweb root."""
 MODALITIES = ("", "MR", "CT", "SEG", "PT", "MG", "CR", "DX", "US")
 COLUMNS = ("Patient", "Date", "Mod.", "Series", "Images")
+MAX_ROWS = 500
+"""Series one search lists at most (an unfiltered search of a hospital PACS would list them all)."""
 
 
 def search(url: str, patient: str, modality: str) -> list[dict[str, Any]]:
-    """QIDO search (worker thread)."""
-    return pacs.find(pacs.connect(url), patient=patient or None, modality=modality or None)
+    """QIDO search (worker thread): at most :data:`MAX_ROWS` series."""
+    return pacs.find(pacs.connect(url), patient=patient or None, modality=modality or None, limit=MAX_ROWS)
 
 
 def open_series(url: str, row: dict[str, Any]) -> str:
@@ -166,7 +168,8 @@ class PacsWidget(QWidget):
                 self.table.setItem(i, j, item)
         self.table.resizeColumnsToContents()
         self.table.horizontalHeader().setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
-        self.status_label.setText(f"{len(rows)} series on {self.url_edit.text().strip()}")
+        more = " (the first ones: narrow the search)" if len(rows) >= MAX_ROWS else ""
+        self.status_label.setText(f"{len(rows)} series on {self.url_edit.text().strip()}{more}")
 
     def open_selected(self) -> Any:
         """Pull the selected series into the cache (WADO-RS) and open it with the plugin's DICOM reader."""
