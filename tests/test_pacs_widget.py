@@ -16,6 +16,7 @@ from napari_medssl import pacs
 from napari_medssl._widgets import ModelWidget, PacsWidget
 from napari_medssl._writer import seg_source
 from napari_medssl.io import read_dicom
+from napari_medssl.io.dicom_seg import read_seg
 
 pytestmark = pytest.mark.gui
 STUDY = "dicom/tcia_btp_PGBM-001/11-19-1991-FH-HEADBrain Protocols-40993"
@@ -76,6 +77,10 @@ def test_pacs_dock_search_open_send_seg_and_open_it_back(
         mask.data.copy(), name="tumour (painted)", scale=image.scale, translate=image.translate
     )  # a plain new Labels layer: the dock finds its DICOM series from the image with the same grid
     dock.labels_combo.setCurrentText(painted.name)
+    # napari's own "save layer" picks the plugin's DICOM SEG writer for .dcm, the series found from the image
+    viewer.layers.selection.active = painted
+    (saved,) = viewer.layers.save(str(tmp_path / "painted.dcm"), selected=True, plugin="napari-medssl")
+    np.testing.assert_array_equal(read_seg(saved, source=image.metadata["source"]).data, mask.data)
     segs_before = {r["series_uid"] for r in pacs.find(client, modality="SEG")}  # the session's PACS is shared
     dock.send_labels()
     _wait(qtbot, dock)
