@@ -30,7 +30,8 @@ def method_for(model: Any) -> str:
 
 
 def compute_overlays(method: str, model: Any, plane: Any, volume: Any, params: dict[str, Any]) -> list[Any]:
-    """Dispatch to :mod:`napari_medssl.overlays` (worker thread)."""
+    """Dispatch to :mod:`napari_medssl.overlays` (worker thread); ``params["size"]`` is the resolution (long
+    side in pixels, ``None`` for the default) of the ViT overlays."""
     device = params.get("device", "cpu")
     if method == "DINO attention":
         head = params.get("head")
@@ -40,12 +41,20 @@ def compute_overlays(method: str, model: Any, plane: Any, volume: Any, params: d
             threshold=params["threshold"],
             head=None if head is None or head < 0 else head,
             device=device,
+            size=params.get("size"),
         )
     if method == "MSMAE masking":
-        return overlays.msmae_overlays(model, plane, seed=params["seed"], device=device)
+        return overlays.msmae_overlays(
+            model, plane, seed=params["seed"], device=device, size=params.get("size")
+        )
     if method == "MAE reconstruction":
         return overlays.mae_overlays(
-            model, plane, mask_ratio=params["mask_ratio"], seed=params["seed"], device=device
+            model,
+            plane,
+            mask_ratio=params["mask_ratio"],
+            seed=params["seed"],
+            device=device,
+            size=params.get("size"),
         )
     if method == "MiM nested masks":
         return overlays.mim_overlays(

@@ -6,21 +6,27 @@ and returns :class:`OverlayLayer` records: an array, its kind (``"image"`` or ``
 each record into a napari layer; a notebook can plot the arrays.
 
 - :func:`dino_overlays` — DINO's per-head [CLS] attention (``models.dino.attention_maps``, the same function the
-  DINO-attention CNN feeds on) and the per-head mass-threshold masks (``models.vit.mass_threshold_masks``).
+  DINO-attention CNN feeds on) and the per-head mass-threshold masks (``models.vit.mass_threshold_masks``): one
+  layer per kind with a leading head axis (a slider in the viewer), drawn with :data:`ATTENTION_COLORMAP`,
+  whose opacity follows the attention so the image stays visible.
 - :func:`msmae_overlays` — MSMAE's attention weight map and its sampled mask / throw / keep pattern.
 - :func:`mae_overlays` — MAE's random mask, its reconstruction and the reconstruction with visible patches
   pasted back.
-- :func:`mim_overlays` — MiM's nested 3D masks on a volume.
+- :func:`mim_overlays` — MiM's nested 3D masks on a volume, drawn as one outline per level.
 
-Maps computed at the model's input size are resized back to the plane's pixel grid, so a layer always covers
-the image exactly. A slice of a volume comes back as a one-slice volume (``(1, Y, X)`` for an axial slice)
-placed at that slice, so it does not smear over the other slices.
+Resolution: the ViT overlays run the model at :func:`attention_input_size` (the image's own size, capped by a
+time/memory budget per device, never below a 64 × 64 patch grid; or the long side the caller picks) through the
+ViT's interpolated position embeddings, not at the 64-px training size. Each layer's metadata records the patch
+``grid`` and the ``input_size`` used. Maps are repeated over the pixels each patch covers and resized back to
+the plane's pixel grid, so a layer always covers the image exactly. A slice of a volume comes back as a
+one-slice volume (``(1, Y, X)`` for an axial slice) placed at that slice, so it does not smear over the others.
 
 Axis legend: B batch, C channels, Z Y X space, H heads.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +43,23 @@ MIM_COLORS = {
     4: (0.5, 0.0, 0.6, 0.8),
 }
 CLEAR = (0.0, 0.0, 0.0, 0.0)
+# attention 0 → fully transparent, 1 → opaque yellow-white: the image shows through where the head does not look
+ATTENTION_COLORMAP = {
+    "name": "medssl attention",
+    "colors": [
+        [1.0, 0.1, 0.0, 0.0],
+        [1.0, 0.25, 0.0, 0.3],
+        [1.0, 0.6, 0.0, 0.6],
+        [1.0, 0.95, 0.3, 0.85],
+    ],
+}
+ATTENTION_LEGEND = (
+    "Colour: where the last layer's [CLS] token looks (per head: transparent = little attention, bright yellow "
+    "= most); not an explanation of a decision."
+)
+MIN_GRID = 64  # default resolution: at least this many patches along the short side
+MAX_SIDE = {"cpu": 512, "gpu": 1024}  # default resolution: at most the image's own long side, capped here
+MAX_TOKENS = 16384  # hard ceiling (a 128 × 128 patch grid) for any resolution asked for
 
 
 def label_colors(colors: dict[int, Sequence[float]]) -> dict[Any, tuple[float, ...]]:
@@ -158,8 +181,49 @@ def _layer(plane: Plane, kind: str, name: str, arr: np.ndarray, style: dict, met
 
 
 # -- model input / output resizing ----------------------------------------------------------------------------
-def model_input(plane: np.ndarray, model: Any, device: Any = "cpu") -> Any:
-    """A plane as the model's input tensor ``(1, C, Y, X)``: normalised to [0, 1], resized to its input size.
+def attention_input_size(
+    shape: Sequence[int], patch: int, size: int | None = None, device: Any = "cpu"
+) -> tuple[int, int]:
+    """The ``(Y, X)`` a ViT overlay runs at for a plane of ``shape``: aspect kept, sides patch multiples.
+
+    Args:
+        shape: the plane's ``(Y, X)``.
+        patch: the ViT's patch side in pixels.
+        size: the long side asked for (pixels). ``None``: the image's own long side, capped at
+            :data:`MAX_SIDE` (512 on a CPU, 1024 on a GPU), then raised until the short side holds
+            :data:`MIN_GRID` patches (64 × 64 at least: 512 px with 8-px patches, so a 320 × 260 MR slice runs
+            at 632 × 512).
+        device: where the model runs (sets the default cap).
+
+    Raises:
+        ValueError: a bad shape or size, or a size whose patch grid exceeds :data:`MAX_TOKENS`.
+    """
+    h, w = (int(s) for s in tuple(shape)[-2:])
+    if h < 1 or w < 1 or patch < 1:
+        raise ValueError(f"need a non-empty plane and a positive patch size, got {tuple(shape)}, {patch}")
+    long_, short = max(h, w), min(h, w)
+    if size is None:
+        kind = "gpu" if str(device).split(":")[0] in ("cuda", "mps") else "cpu"
+        side = max(min(long_, MAX_SIDE[kind]), math.ceil(MIN_GRID * patch * long_ / short))
+    else:
+        side = int(size)
+        if side < patch:
+            raise ValueError(f"the overlay resolution must be at least one patch ({patch} px), got {size}")
+    out = tuple(max(patch, round(s * side / long_ / patch) * patch) for s in (h, w))
+    if size is None:
+        out = tuple(max(o, MIN_GRID * patch) for o in out)
+    tokens = (out[0] // patch) * (out[1] // patch)
+    if tokens > MAX_TOKENS:
+        raise ValueError(
+            f"an overlay at {out[0]} x {out[1]} px needs {tokens} patches, over the limit of {MAX_TOKENS}; "
+            "pick a smaller resolution"
+        )
+    return out
+
+
+def model_input(plane: np.ndarray, model: Any, device: Any = "cpu", size: Sequence[int] | None = None) -> Any:
+    """A plane as the model's input tensor ``(1, C, Y, X)``: normalised to [0, 1], resized to ``size`` (default
+    the model's input size; antialiased when shrinking).
 
     The grey plane is repeated over ``model.in_chans`` channels.
     """
@@ -169,7 +233,7 @@ def model_input(plane: np.ndarray, model: Any, device: Any = "cpu") -> Any:
     from napari_medssl.transforms import normalize_intensity
 
     x = torch.from_numpy(normalize_intensity(plane))[None, None]
-    size = model.spec.input_size
+    size = model.spec.input_size if size is None else size
     if size is not None and tuple(size) != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     chans = model.spec.in_chans
@@ -254,109 +318,137 @@ def tissue_lift(maps: np.ndarray, image: np.ndarray) -> np.ndarray:
     return mass / share
 
 
+def attention_heads(model: Any, plane: Plane, size: int | None = None, device: Any = "cpu") -> dict[str, Any]:
+    """One forward pass: every head's last-layer [CLS] attention for a plane, at the overlay resolution.
+
+    Args:
+        model: a ViT-based model (DINO uses its teacher).
+        plane: the 2D image or slice.
+        size: the long side to run at (see :func:`attention_input_size`; ``None`` = the default).
+        device: torch device.
+
+    Returns:
+        ``raw`` ``(H, gh, gw)`` softmax weights on the patch grid, ``weights`` ``(H, Y, X)`` float32: each
+        pixel of the plane carries the weight of the patch covering it (nearest), ``grid`` ``(gh, gw)``,
+        ``input_size`` ``(y, x)`` and ``patch_pixels`` (input pixels per patch side), ``tissue_lift`` ``(H,)``
+        (:func:`tissue_lift` of ``weights`` against the plane's own intensities).
+    """
+    import torch
+
+    from napari_medssl.models.dino import attention_grid, shape_attention
+
+    _check_plane(plane)
+    vit = _vit_of(model)
+    hw = attention_input_size(plane.data.shape, int(vit.patch_size), size, device)
+    x = model_input(plane.data, model, device, size=hw)
+    with torch.no_grad():
+        raw, pixels = attention_grid(model, x)  # (1, H, gh, gw)
+    raw = raw[0].cpu()
+    px = shape_attention(raw, pixels, hw, normalize=False)  # (H, y, x): each patch's weight on its pixels
+    weights = resize_to(px, tuple(plane.data.shape), nearest=True).astype(np.float32)
+    image = np.asarray(plane.data, dtype=np.float64)
+    return {
+        "raw": raw,
+        "weights": weights,
+        "grid": tuple(int(g) for g in raw.shape[-2:]),
+        "input_size": tuple(int(v) for v in hw),
+        "patch_pixels": int(pixels),
+        "tissue_lift": tissue_lift(weights, np.nan_to_num(image)),
+    }
+
+
+def minmax(maps: np.ndarray) -> np.ndarray:
+    """Per map (leading axis) min-max normalised to [0, 1], float32."""
+    maps = np.asarray(maps, dtype=np.float32)
+    lo = maps.min(axis=(-2, -1), keepdims=True)
+    hi = maps.max(axis=(-2, -1), keepdims=True)
+    return ((maps - lo) / np.maximum(hi - lo, 1e-12)).astype(np.float32)
+
+
+def _head_layer(plane: Plane, kind: str, name: str, arr: np.ndarray, style: dict, meta: dict) -> OverlayLayer:
+    """A layer whose leading axis is the head (``(H, *source axes)``; scale 1 on that axis)."""
+    layer = _layer(plane, kind, name, arr, style, meta)
+    if arr.ndim == 3:
+        layer.scale = (1.0, *layer.scale)
+        layer.translate = (0.0, *layer.translate)
+    return layer
+
+
 def dino_overlays(
     model: Any,
     plane: Plane,
     threshold: float = 0.6,
     head: int | None = None,
     device: Any = "cpu",
-    stack_heads: bool = False,
+    size: int | None = None,
 ) -> list[OverlayLayer]:
-    """DINO's per-head [CLS] attention and mass-threshold masks for one plane.
+    """DINO's per-head [CLS] attention and mass-threshold masks for one plane, at the overlay resolution.
 
     Args:
         model: a ViT-based model (DINO uses its teacher); see ``models.dino.attention_maps``.
         plane: the 2D image or slice (:func:`take_plane`).
         threshold: fraction of each head's attention mass its mask keeps, in (0, 1].
-        head: show only this head (0-based); ``None`` for all heads.
+        head: show only this head (0-based); ``None`` for all heads, stacked on a leading head axis.
         device: torch device for the forward pass.
-        stack_heads: one image layer with a leading head axis instead of one additive layer per head.
+        size: the long side to run the model at, in pixels (``None``: :func:`attention_input_size`'s default).
 
     Returns:
-        Image layers (per head, additive blending, [0, 1] min-max normalised) then Labels layers with each
-        head's mask (value ``head + 1``).
+        Two layers: ``attention`` (image; per head min-max normalised to [0, 1], drawn with
+        :data:`ATTENTION_COLORMAP`) and ``attention mask`` (labels, value ``head + 1`` on the patches holding
+        ``threshold`` of the head's mass, outlined). With all heads both have a leading head axis ``(H, ...)``
+        (a slider in the viewer). Metadata: ``grid``, ``input_size``, ``tissue_lift`` per head, ``heads``.
 
     Raises:
         ValueError: not a ViT-based model, a head out of range or a bad threshold.
     """
-    import torch
-
-    from napari_medssl.models.dino import attention_grid, shape_attention
     from napari_medssl.models.vit import mass_threshold_masks
 
     _check_plane(plane)
-    vit = _vit_of(model)
-    n_heads = int(vit.num_heads)
+    n_heads = int(_vit_of(model).num_heads)
     if head is not None and not 0 <= head < n_heads:
         raise ValueError(f"head {head} out of range: this model has {n_heads} heads (0..{n_heads - 1})")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    x = model_input(plane.data, model, device)
-    with torch.no_grad():  # one forward pass; the three views of it below
-        raw, pixels = attention_grid(model, x)  # (1, H, gh, gw) softmax weights
-    size = tuple(x.shape[-2:])
-    maps = shape_attention(raw, pixels, size)[0]  # (H, y, x) in [0, 1], at the model's input size
-    masks = mass_threshold_masks(raw, threshold)[0]  # (H, gh, gw)
-    shape = plane.data.shape
-    raw_px = shape_attention(raw, pixels, size, normalize=False)[0].numpy()  # (H, y, x) weights per pixel
-    lift = tissue_lift(raw_px, x[0, 0].float().cpu().numpy())
-    maps = resize_to(maps, shape, nearest=True)
-    masks = _grid_to_plane(masks, vit.patch_size, tuple(x.shape[-2:]), shape, nearest=True)
-    heads = range(n_heads) if head is None else [head]
-    meta = {"method": "dino", "threshold": threshold, "tissue_lift": [round(float(v), 3) for v in lift]}
-    out: list[OverlayLayer] = []
-    if stack_heads:
-        sel = np.stack([maps[h] for h in heads])  # (H, Y, X): heads as a leading axis
-        layer = _layer(
-            plane, "image", "attention heads", sel, {"colormap": "inferno", "blending": "additive"}, meta
-        )
-        layer.scale = (1.0, *layer.scale)
-        layer.translate = (0.0, *layer.translate)
-        out.append(layer)
-    else:
-        for h in heads:
-            style = {
-                "colormap": HEAD_COLORMAPS[h % len(HEAD_COLORMAPS)],
-                "blending": "additive",
-                "contrast_limits": (0.0, 1.0),
-                "opacity": 0.7,
-            }
-            out.append(
-                _layer(
-                    plane,
-                    "image",
-                    f"attention head {h}",
-                    maps[h].astype(np.float32),
-                    style,
-                    {**meta, "head": h},
-                )
-            )
-    for h in heads:
-        labels = masks[h].astype(np.uint8) * np.uint8(h + 1)
-        colour = (*HEAD_COLORS[h % len(HEAD_COLORS)], 1.0)
-        style = {
-            "colormap": label_colors({h + 1: colour}),
-            "contour": 1,
-            "visible": head is not None or h == 0,
-        }
-        out.append(
-            _layer(
-                plane,
-                "labels",
-                f"attention mask head {h} ({threshold:.0%})",
-                labels,
-                style,
-                {**meta, "head": h},
-            )
-        )
-    return out
+    att = attention_heads(model, plane, size, device)
+    masks = mass_threshold_masks(att["raw"][None], threshold)[0]  # (H, gh, gw)
+    masks = _grid_to_plane(masks, att["patch_pixels"], att["input_size"], plane.data.shape, nearest=True)
+    heads = list(range(n_heads)) if head is None else [head]
+    meta = {
+        "method": "dino",
+        "threshold": threshold,
+        "tissue_lift": [round(float(v), 3) for v in att["tissue_lift"]],
+        "grid": list(att["grid"]),
+        "input_size": list(att["input_size"]),
+        "heads": heads,
+        "legend": ATTENTION_LEGEND,
+    }
+    maps = minmax(att["weights"][heads])
+    labels = np.stack([masks[h].astype(np.uint8) * np.uint8(h + 1) for h in heads])
+    if head is not None:
+        maps, labels = maps[0], labels[0]
+    suffix = "" if head is None else f" head {head}"
+    style = {"colormap": ATTENTION_COLORMAP, "blending": "translucent", "contrast_limits": (0.0, 1.0)}
+    colours = {h + 1: (*HEAD_COLORS[h % len(HEAD_COLORS)], 1.0) for h in heads}
+    return [
+        _head_layer(plane, "image", f"attention{suffix}", maps, style, meta),
+        _head_layer(
+            plane,
+            "labels",
+            f"attention mask{suffix} ({threshold:.0%})",
+            labels,
+            {"colormap": label_colors(colours), "contour": 1},
+            meta,
+        ),
+    ]
 
 
 # -- MSMAE ----------------------------------------------------------------------------------------------------
 MSMAE_VALUES = {0: "none", 1: "keep", 2: "mask", 3: "throw"}
 
 
-def msmae_overlays(model: Any, plane: Plane, seed: int = 0, device: Any = "cpu") -> list[OverlayLayer]:
+def msmae_overlays(
+    model: Any, plane: Plane, seed: int = 0, device: Any = "cpu", size: int | None = None
+) -> list[OverlayLayer]:
     """MSMAE's attention weight map and its sampled mask / throw / keep pattern for one plane.
 
     Args:
@@ -364,6 +456,8 @@ def msmae_overlays(model: Any, plane: Plane, seed: int = 0, device: Any = "cpu")
         plane: the 2D image or slice.
         seed: seed of the sampled pattern.
         device: torch device.
+        size: the long side to run at (``None``: :func:`attention_input_size`'s default, a patch grid of
+            64 × 64 or more instead of the training size's 8 × 8).
 
     Returns:
         An image layer (weights in [0, 1]) and a Labels layer: 1 keep (encoded), 2 mask (reconstructed),
@@ -375,13 +469,19 @@ def msmae_overlays(model: Any, plane: Plane, seed: int = 0, device: Any = "cpu")
     _check_plane(plane)
     if not hasattr(model, "masking_pattern"):
         raise ValueError(f"MSMAE overlays need an MSMAE model, got {type(model).__name__}")
-    x = model_input(plane.data, model, device)
+    hw = attention_input_size(plane.data.shape, int(model.patch_size), size, device)
+    x = model_input(plane.data, model, device, size=hw)
     weights, labels = model.masking_pattern(x, seed=int(seed))  # (1, gh, gw) each
     shape = plane.data.shape
-    hw = tuple(x.shape[-2:])
     w = _grid_to_plane(weights[0].float().cpu(), model.patch_size, hw, shape, nearest=True).astype(np.float32)
     lab = _grid_to_plane(labels[0].cpu() + 1, model.patch_size, hw, shape, nearest=True).astype(np.uint8)
-    meta = {"method": "msmae", "seed": int(seed), "values": MSMAE_VALUES}
+    meta = {
+        "method": "msmae",
+        "seed": int(seed),
+        "values": MSMAE_VALUES,
+        "grid": list(weights.shape[-2:]),
+        "input_size": list(hw),
+    }
     fractions = {MSMAE_VALUES[v]: float((labels + 1 == v).float().mean()) for v in (1, 2, 3)}
     return [
         _layer(
@@ -389,7 +489,7 @@ def msmae_overlays(model: Any, plane: Plane, seed: int = 0, device: Any = "cpu")
             "image",
             "MSMAE weights",
             w,
-            {"colormap": "inferno", "blending": "additive", "contrast_limits": (0.0, 1.0), "opacity": 0.6},
+            {"colormap": ATTENTION_COLORMAP, "blending": "translucent", "contrast_limits": (0.0, 1.0)},
             meta,
         ),
         _layer(
@@ -405,7 +505,12 @@ def msmae_overlays(model: Any, plane: Plane, seed: int = 0, device: Any = "cpu")
 
 # -- MAE ------------------------------------------------------------------------------------------------------
 def mae_overlays(
-    model: Any, plane: Plane, mask_ratio: float = 0.75, seed: int = 0, device: Any = "cpu"
+    model: Any,
+    plane: Plane,
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+    device: Any = "cpu",
+    size: int | None = None,
 ) -> list[OverlayLayer]:
     """MAE's random mask and reconstruction for one plane.
 
@@ -415,6 +520,8 @@ def mae_overlays(
         mask_ratio: fraction of patches hidden, in [0, 1).
         seed: seed of the random mask.
         device: torch device.
+        size: the long side to run at (``None``: :func:`attention_input_size`'s default). The decoder's
+            position table is interpolated like the encoder's, so the reconstruction has the finer grid.
 
     Returns:
         Image layers ``masked input``, ``reconstruction`` (hidden), ``reconstruction + visible`` (values in the
@@ -428,14 +535,22 @@ def mae_overlays(
         raise ValueError(f"MAE overlays need an MAE-family model (mae, msmae), got {type(model).__name__}")
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    x = model_input(plane.data, model, device)
+    hw = attention_input_size(plane.data.shape, int(model.patch_size), size, device)
+    x = model_input(plane.data, model, device, size=hw)
     out = model.reconstruct(x, mask_ratio=float(mask_ratio), seed=int(seed))
     shape = plane.data.shape
     recon = resize_to(out["reconstruction"][0].float().mean(0).cpu(), shape)
     pasted = resize_to(out["pasted"][0].float().mean(0).cpu(), shape)
     mask = resize_to(out["mask"][0, 0].cpu() > 0.5, shape, nearest=True)
     masked = resize_to(x[0].float().mean(0).cpu(), shape) * (1 - mask)
-    meta = {"method": "mae", "mask_ratio": float(mask_ratio), "seed": int(seed)}
+    grid = [v // int(model.patch_size) for v in hw]
+    meta = {
+        "method": "mae",
+        "mask_ratio": float(mask_ratio),
+        "seed": int(seed),
+        "grid": grid,
+        "input_size": list(hw),
+    }
     grey = {"colormap": "gray", "contrast_limits": (0.0, 1.0)}
     return [
         _layer(
@@ -466,10 +581,13 @@ def mim_overlays(
     model: Any = None,
     cell_size: int | None = None,
 ) -> list[OverlayLayer]:
-    """MiM's nested 3D masks on a volume, one Labels layer whose value is the deepest level masked.
+    """MiM's nested 3D masks on a volume, drawn as outlines: one Labels layer, value ``k`` on the in-plane
+    (Y, X) border of level ``k``'s masked region.
 
-    Level ``k`` (1-based) is masked inside level ``k - 1``'s masked region, so value ``k`` means "masked at
-    levels 1..k". Masks at another size than the volume are resized (nearest) onto its grid.
+    Level ``k`` (1-based) is masked inside level ``k - 1``'s masked region, so the outlines nest: a finer
+    level's outline lies inside the coarser one's (where borders coincide the finer level is drawn). Filled
+    blocks would hide the image and the coarser levels; outlines keep both visible. Masks at another size than
+    the volume are resized (nearest) onto its grid.
 
     Args:
         shape: the volume's ``(Z, Y, X)``.
@@ -500,7 +618,7 @@ def mim_overlays(
         if m.shape != shape:
             m = _resize_3d_nearest(m, shape)
         fractions.append(float(m.mean()))
-        levels[m] = k + 1
+        levels[outline_yx(m)] = k + 1
     nd = len(shape)
     scale = tuple(float(s) for s in (scale if scale is not None else [1.0] * nd))
     translate = tuple(float(t) for t in (translate if translate is not None else [0.0] * nd))
@@ -510,10 +628,20 @@ def mim_overlays(
         "seed": int(seed),
         "cell_size": cell,
         "fractions": fractions,
+        "drawn": "outlines per level (in-plane border of each level's masked region)",
     }
     name = f"MiM nested masks ({', '.join(f'{r:g}' for r in ratios)}; seed {seed})"
     colors = {k: MIM_COLORS[min(k, max(MIM_COLORS))] for k in range(1, len(masks) + 1)}
     return [OverlayLayer("labels", name, levels, scale, translate, {"colormap": label_colors(colors)}, meta)]
+
+
+def outline_yx(mask: np.ndarray) -> np.ndarray:
+    """The in-plane border of a boolean ``(..., Y, X)`` mask: masked pixels with a 4-neighbour in Y or X that
+    is not masked (or outside the array)."""
+    m = np.asarray(mask, dtype=bool)
+    pad = np.pad(m, [(0, 0)] * (m.ndim - 2) + [(1, 1), (1, 1)], constant_values=False)
+    inner = pad[..., :-2, 1:-1] & pad[..., 2:, 1:-1] & pad[..., 1:-1, :-2] & pad[..., 1:-1, 2:]
+    return m & ~inner
 
 
 def _resize_3d_nearest(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

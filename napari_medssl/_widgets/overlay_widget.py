@@ -1,10 +1,12 @@
 """The Attention & masking dock: what a self-supervised model looks at and how it masks, over the image.
 
-For the selected image (2D, or the slice on screen): DINO's per-head attention (additive image layers) and
-mass-threshold masks (Labels); MSMAE's weight map and mask / throw / keep pattern; MAE's random mask and
-reconstruction; MiM's nested 3D masks on the whole volume. The dock gathers the parameters, calls
-:mod:`napari_medssl.overlays` in a thread worker and adds the returned layers, which keep the image's scale and
-translate.
+For the selected image (2D, or the slice on screen): DINO's per-head attention (one image layer with a head
+axis, its opacity following the attention) and mass-threshold masks (one Labels layer, outlined); MSMAE's
+weight map and mask / throw / keep pattern; MAE's random mask and reconstruction; MiM's nested 3D masks on the
+whole volume, outlined per level. The ViT overlays run at a resolution the user picks (default: the image's
+own, capped for time, at least a 64 × 64 patch grid); a legend says what the colours are. The dock gathers the
+parameters, calls :mod:`napari_medssl.overlay_methods` in a thread worker and adds the returned layers, which
+keep the image's scale and translate.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_medssl import overlays
 from napari_medssl._widgets._common import (
     LayerCombo,
     ModelPicker,
@@ -79,12 +82,23 @@ class OverlayWidget(QWidget):
         self.mask_ratio.setSingleStep(0.05)
         self.mask_ratio.setValue(0.75)
         self.ratios = QLineEdit("0.5, 0.6, 0.5")
+        self.resolution = QSpinBox()
+        self.resolution.setRange(0, 2048)
+        self.resolution.setSingleStep(64)
+        self.resolution.setSuffix(" px")
+        self.resolution.setSpecialValueText("auto")
+        self.resolution.setToolTip(
+            "Long side the model runs at. auto: the image's own, at most 512 px on a CPU (1024 on a GPU), "
+            "at least 64 patches on the short side. Larger: finer maps, slower."
+        )
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.follow = QCheckBox("update when the slice changes")
         self.show_btn = QPushButton("Show")
         self.status_label = QLabel()
         self.status_label.setWordWrap(True)
+        self.legend = QLabel(overlays.ATTENTION_LEGEND)
+        self.legend.setWordWrap(True)
 
         form = QFormLayout()
         self.picker.add_to(form)
@@ -95,6 +109,7 @@ class OverlayWidget(QWidget):
         form.addRow("Seed", self.seed)
         form.addRow("Mask ratio", self.mask_ratio)
         form.addRow("MiM ratios", self.ratios)
+        form.addRow("Resolution", self.resolution)
         form.addRow("Device", self.device_combo)
         form.addRow(self.follow)
         row = QHBoxLayout()
@@ -102,6 +117,7 @@ class OverlayWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(row)
+        layout.addWidget(self.legend)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
 
@@ -152,6 +168,8 @@ class OverlayWidget(QWidget):
         self.mask_ratio.setEnabled(method == "MAE reconstruction")
         self.ratios.setEnabled(method == "MiM nested masks")
         self.seed.setEnabled(method != "DINO attention")
+        self.resolution.setEnabled(method != "MiM nested masks")
+        self.legend.setVisible(method in ("DINO attention", "MSMAE masking"))
 
     def params(self) -> dict[str, Any]:
         """The parameters as plain values."""
@@ -163,6 +181,7 @@ class OverlayWidget(QWidget):
             "seed": int(self.seed.value()),
             "mask_ratio": float(self.mask_ratio.value()),
             "ratios": parse_ratios(self.ratios.text()),
+            "size": int(self.resolution.value()) or None,
             "device": pick_device(self.device_combo.currentText()),
         }
 
@@ -212,6 +231,14 @@ class OverlayWidget(QWidget):
         else:
             self._add(out["result"])
 
+    def _label_head_axis(self, result: list[Any]) -> None:
+        """Name the head slider when an overlay brought a head axis (the viewer's first axis)."""
+        stacked = [ov for ov in result if len(ov.metadata.get("heads", [])) > 1]
+        if stacked and stacked[0].data.ndim == self.viewer.dims.ndim:
+            labels = list(self.viewer.dims.axis_labels)
+            labels[0] = "head"
+            self.viewer.dims.axis_labels = labels
+
     def _on_finished(self) -> None:
         self._worker = None
 
@@ -225,7 +252,15 @@ class OverlayWidget(QWidget):
         image = self.image_combo.layer()
         if image is not None:  # keep the image selected, so the next run uses it again
             self.viewer.layers.selection.active = image
+        self._label_head_axis(result)
         summary = ", ".join(ov.name for ov in result)
+        meta = result[0].metadata if result else {}
+        if "grid" in meta:
+            gh, gw = meta["grid"]
+            iy, ix = meta["input_size"]
+            summary += f" — patch grid {gh} × {gw} at {iy} × {ix} px"
+        if "tissue_lift" in meta:
+            summary += "; tissue lift per head " + ", ".join(f"{v:.2f}" for v in meta["tissue_lift"])
         self.status_label.setText(f"added: {summary}")
         if not result:
             show_info("The overlay produced no layers")

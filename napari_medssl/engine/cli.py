@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="the ensemble's .safetensors file")
     p.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the size)")
 
+    from napari_medssl.engine import cli_attention
+
+    cli_attention.add_parser(sub, _Parser)
+
     sub.add_parser(
         "zoo", help="list the zoo's trained models", description="List the models in the zoo folders."
     )
@@ -606,7 +610,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    """``attention``: see :mod:`napari_medssl.engine.cli_attention`."""
+    from napari_medssl.engine.cli_attention import cmd_attention as run
+
+    return run(args)
+
+
 COMMANDS = {
+    "attention": cmd_attention,
     "pretrain": cmd_train,
     "finetune": cmd_train,
     "evaluate": cmd_evaluate,

@@ -289,8 +289,11 @@ class DINO(nn.Module):
             feature for every image (cosine ≈ 0.99 here), which centring turns into a uniform teacher: the
             batch normalisation keeps the differences between images.
         n_local_crops: local crops per image (paper: 8 at 96² next to 224² global crops).
-        local_size: local crop ``(Y, X)`` or side; default ``3/7`` of ``img_size`` rounded to the patch size
-            (the paper's 96 for 224).
+        local_size: local crop ``(Y, X)`` or side; default ``3/7`` of the global size rounded to the patch
+            size (the paper's 96 for 224).
+        global_size: global crop ``(Y, X)`` or side, default ``img_size``. Smaller than ``img_size`` (the size
+            the engine resizes whole images to), crops keep finer detail: e.g. 128-px crops of 256-px images
+            for maps read at higher resolution.
         global_scale, local_scale: crop area ranges.
         student_temp: student softmax temperature.
         warmup_teacher_temp, teacher_temp: teacher temperature, warmed up linearly over
@@ -321,6 +324,7 @@ class DINO(nn.Module):
         head_use_bn: bool = False,
         n_local_crops: int = 4,
         local_size: int | Sequence[int] | None = None,
+        global_size: int | Sequence[int] | None = None,
         global_scale: Sequence[float] = (0.4, 1.0),
         local_scale: Sequence[float] = (0.05, 0.4),
         student_temp: float = 0.1,
@@ -376,10 +380,14 @@ class DINO(nn.Module):
         self.in_chans = in_chans
         self.input_size = self.teacher.input_size
         self.patch_size = patch_size
-        self.global_size = self.input_size
+        self.global_size = (
+            self.input_size
+            if global_size is None
+            else to_2tuple(global_size if isinstance(global_size, int) else tuple(global_size), "global_size")
+        )
         if local_size is None:
             local_size = tuple(
-                max(patch_size, round(s * 3 / 7 / patch_size) * patch_size) for s in self.input_size
+                max(patch_size, round(s * 3 / 7 / patch_size) * patch_size) for s in self.global_size
             )
         self.local_size = to_2tuple(
             local_size if isinstance(local_size, int) else tuple(local_size), "local_size"

@@ -1,0 +1,132 @@
+"""Tissue lift of a DINO model's attention on held-out mammograms and brain MR slices, as `medssl attention`
+computes it (same functions, same default resolution): median and bootstrap 95 % interval.
+
+    MEDSSL_DATA_DIR=../shared/data python scripts/attention_lift.py --model dino_tiny_medical \
+        [--model runs/x/best.safetensors] [--size N] [--json out.json]
+
+Held out (never trained on by dino_tiny_medical or the CPU continuation of it; the card's validation split,
+seed 0): the 40 mini-MIAS mammograms of 20 women listed in ``models/dino_tiny_medical/card.yaml`` (``1:mdb…``),
+and every non-constant slice of the four MR series of TCIA PGBM-001's 1991-11-19 study (T1post, T1prereg,
+FLAIRreg, T2reg).
+
+Two summaries per group, both printed:
+- ``fixed head``: the head with the highest median lift, its median (what a reader who watches one head sees);
+- ``best head per image``: the median over images of each image's highest head lift.
+Intervals: 2000 bootstrap resamples of women (mammograms: a woman's two images together) or of slices (MR: the
+slices of one series are correlated, so that interval is optimistic), percentile method, seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from napari_medssl import overlays, zoo
+from napari_medssl.engine import readers
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEDSSL_DATA_DIR", REPO.parent / "shared" / "data"))
+MR_STUDY = "dicom/tcia_btp_PGBM-001/11-19-1991-FH-HEADBrain Protocols-40993"
+MR_SERIES = ("11-T1post-03326", "10008-T1prereg-91470", "35637-FLAIRreg-16386", "37910-T2reg-84816")
+
+
+def held_out() -> dict[str, list[tuple[str, str, overlays.Plane]]]:
+    """``{"mammograms": [(group, name, plane)], "MR slices": [...]}``: the card's held-out images."""
+    card = yaml.safe_load((REPO / "models" / "dino_tiny_medical" / "card.yaml").read_text())
+    mias = sorted(i.split(":", 1)[1] for i in card["split"]["val_ids"] if i.startswith("1:"))
+    out: dict[str, list] = {"mammograms": [], "MR slices": []}
+    for stem in mias:
+        img = readers.read_any(DATA / "mammography_mias" / f"{stem}.png")
+        woman = f"w{(int(stem[3:]) + 1) // 2}"
+        out["mammograms"].append((woman, stem, overlays.take_plane(np.asarray(img.data), rgb=img.rgb)))
+    for series in MR_SERIES:
+        vol = np.asarray(readers.read_any(DATA / MR_STUDY / series).data)
+        for z in range(vol.shape[0]):
+            if vol[z].max() > vol[z].min():
+                out["MR slices"].append(
+                    (f"{series}/{z}", f"{series}/{z}", overlays.take_plane(vol, (z, 0, 0)))
+                )
+    return out
+
+
+def bootstrap_median(values: np.ndarray, groups: list[str], n: int = 2000) -> tuple[float, float]:
+    """Percentile 95 % interval of the median, resampling groups."""
+    rng = np.random.default_rng(0)
+    names = sorted(set(groups))
+    idx = {g: [i for i, h in enumerate(groups) if h == g] for g in names}
+    meds = []
+    for _ in range(n):
+        pick = rng.choice(len(names), len(names))
+        rows = [i for k in pick for i in idx[names[k]]]
+        meds.append(np.median(values[rows], axis=0))
+    lo, hi = np.percentile(np.array(meds), [2.5, 97.5], axis=0)
+    return lo, hi
+
+
+def evaluate(model: torch.nn.Module, images: dict, size: int | None) -> dict:
+    """Per group: lifts per image and head, grid sizes, both summaries with intervals, seconds per image."""
+    result = {}
+    for group, items in images.items():
+        lifts, grids, t0 = [], set(), time.perf_counter()
+        for _, _, plane in items:
+            att = overlays.attention_heads(model, plane, size)
+            lifts.append(att["tissue_lift"])
+            grids.add(tuple(att["grid"]))
+        secs = (time.perf_counter() - t0) / len(items)
+        lifts = np.array(lifts)  # (images, H)
+        groups = [g for g, _, _ in items]
+        per_head = np.median(lifts, axis=0)
+        head = int(np.nanargmax(per_head))
+        lo, hi = bootstrap_median(lifts, groups)
+        best = np.nanmax(lifts, axis=1)
+        blo, bhi = bootstrap_median(best[:, None], groups)
+        result[group] = {
+            "n_images": len(items),
+            "n_groups": len(set(groups)),
+            "grids": sorted(grids),
+            "median_per_head": [round(float(v), 3) for v in per_head],
+            "fixed_head": head,
+            "fixed_head_median": round(float(per_head[head]), 3),
+            "fixed_head_ci": [round(float(lo[head]), 3), round(float(hi[head]), 3)],
+            "best_head_per_image_median": round(float(np.median(best)), 3),
+            "best_head_per_image_ci": [round(float(blo[0]), 3), round(float(bhi[0]), 3)],
+            "seconds_per_image": round(secs, 3),
+        }
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help="zoo name or checkpoint (repeat)")
+    p.add_argument("--size", type=int, help="long side in pixels (default: medssl attention's default)")
+    p.add_argument("--json", type=Path, help="write the results here too")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    images = held_out()
+    results = {}
+    for spec in args.model:
+        model = zoo.load(spec).eval()
+        results[spec] = res = evaluate(model, images, args.size)
+        for group, r in res.items():
+            print(
+                f"{spec} | {group} ({r['n_images']} images, {r['n_groups']} groups, grids {r['grids'][:3]}): "
+                f"per-head medians {r['median_per_head']}; fixed head {r['fixed_head']} median "
+                f"{r['fixed_head_median']} [{r['fixed_head_ci'][0]}, {r['fixed_head_ci'][1]}]; best head per "
+                f"image median {r['best_head_per_image_median']} [{r['best_head_per_image_ci'][0]}, "
+                f"{r['best_head_per_image_ci'][1]}]; {r['seconds_per_image']} s/image",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=list))
+
+
+if __name__ == "__main__":
+    main()
