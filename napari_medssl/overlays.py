@@ -36,11 +36,11 @@ import numpy as np
 HEAD_COLORMAPS = ("magenta", "green", "cyan", "yellow", "red", "blue", "bop orange", "bop purple")
 HEAD_COLORS = ((1, 0, 1), (0, 1, 0), (0, 1, 1), (1, 1, 0), (1, 0, 0), (0, 0, 1), (1, 0.55, 0), (0.6, 0.2, 1))
 MSMAE_COLORS = {1: (0.2, 0.85, 0.3, 0.25), 2: (0.15, 0.45, 1.0, 0.6), 3: (0.0, 0.0, 0.0, 0.8)}
-MIM_COLORS = {
-    1: (1.0, 0.85, 0.1, 0.3),
-    2: (1.0, 0.45, 0.0, 0.5),
-    3: (0.9, 0.0, 0.25, 0.7),
-    4: (0.5, 0.0, 0.6, 0.8),
+MIM_COLORS = {  # outlines: opaque enough to read as lines over the image
+    1: (1.0, 0.9, 0.1, 0.9),
+    2: (1.0, 0.45, 0.0, 0.9),
+    3: (0.95, 0.0, 0.3, 0.95),
+    4: (0.6, 0.1, 1.0, 0.95),
 }
 CLEAR = (0.0, 0.0, 0.0, 0.0)
 # attention 0 → fully transparent, 1 → opaque yellow-white: the image shows through where the head does not look

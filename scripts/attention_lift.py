@@ -7,7 +7,7 @@ computes it (same functions, same default resolution): median and bootstrap 95 %
 Held out (never trained on by dino_tiny_medical or the CPU continuation of it; the card's validation split,
 seed 0): the 40 mini-MIAS mammograms of 20 women listed in ``models/dino_tiny_medical/card.yaml`` (``1:mdb…``),
 and every non-constant slice of the four MR series of TCIA PGBM-001's 1991-11-19 study (T1post, T1prereg,
-FLAIRreg, T2reg).
+FLAIRreg, T2reg; ``--mr-step 2``: every second one).
 
 Two summaries per group, both printed:
 - ``fixed head``: the head with the highest median lift, its median (what a reader who watches one head sees);
@@ -37,8 +37,9 @@ MR_STUDY = "dicom/tcia_btp_PGBM-001/11-19-1991-FH-HEADBrain Protocols-40993"
 MR_SERIES = ("11-T1post-03326", "10008-T1prereg-91470", "35637-FLAIRreg-16386", "37910-T2reg-84816")
 
 
-def held_out() -> dict[str, list[tuple[str, str, overlays.Plane]]]:
-    """``{"mammograms": [(group, name, plane)], "MR slices": [...]}``: the card's held-out images."""
+def held_out(mr_step: int = 1) -> dict[str, list[tuple[str, str, overlays.Plane]]]:
+    """``{"mammograms": [(group, name, plane)], "MR slices": [...]}``: the card's held-out images (every
+    ``mr_step``-th non-constant MR slice)."""
     card = yaml.safe_load((REPO / "models" / "dino_tiny_medical" / "card.yaml").read_text())
     mias = sorted(i.split(":", 1)[1] for i in card["split"]["val_ids"] if i.startswith("1:"))
     out: dict[str, list] = {"mammograms": [], "MR slices": []}
@@ -48,7 +49,7 @@ def held_out() -> dict[str, list[tuple[str, str, overlays.Plane]]]:
         out["mammograms"].append((woman, stem, overlays.take_plane(np.asarray(img.data), rgb=img.rgb)))
     for series in MR_SERIES:
         vol = np.asarray(readers.read_any(DATA / MR_STUDY / series).data)
-        for z in range(vol.shape[0]):
+        for z in range(0, vol.shape[0], mr_step):
             if vol[z].max() > vol[z].min():
                 out["MR slices"].append(
                     (f"{series}/{z}", f"{series}/{z}", overlays.take_plane(vol, (z, 0, 0)))
@@ -70,8 +71,9 @@ def bootstrap_median(values: np.ndarray, groups: list[str], n: int = 2000) -> tu
     return lo, hi
 
 
-def evaluate(model: torch.nn.Module, images: dict, size: int | None) -> dict:
-    """Per group: lifts per image and head, grid sizes, both summaries with intervals, seconds per image."""
+def evaluate(model: torch.nn.Module, images: dict, size: int | None, spec: str = "") -> dict:
+    """Per group: lifts per image and head, grid sizes, both summaries with intervals, seconds per image
+    (each group printed as it is done)."""
     result = {}
     for group, items in images.items():
         lifts, grids, t0 = [], set(), time.perf_counter()
@@ -98,8 +100,21 @@ def evaluate(model: torch.nn.Module, images: dict, size: int | None) -> dict:
             "best_head_per_image_median": round(float(np.median(best)), 3),
             "best_head_per_image_ci": [round(float(blo[0]), 3), round(float(bhi[0]), 3)],
             "seconds_per_image": round(secs, 3),
+            "lifts": lifts.round(4).tolist(),
         }
+        report(spec, group, result[group])
     return result
+
+
+def report(spec: str, group: str, r: dict) -> None:
+    print(
+        f"{spec} | {group} ({r['n_images']} images, {r['n_groups']} groups, grids {r['grids'][:3]}): "
+        f"per-head medians {r['median_per_head']}; fixed head {r['fixed_head']} median "
+        f"{r['fixed_head_median']} [{r['fixed_head_ci'][0]}, {r['fixed_head_ci'][1]}]; best head per "
+        f"image median {r['best_head_per_image_median']} [{r['best_head_per_image_ci'][0]}, "
+        f"{r['best_head_per_image_ci'][1]}]; {r['seconds_per_image']} s/image",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -108,22 +123,14 @@ def main() -> None:
     p.add_argument("--size", type=int, help="long side in pixels (default: medssl attention's default)")
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mr-step", type=int, default=1, help="every N-th MR slice (default 1: all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    images = held_out()
+    images = held_out(args.mr_step)
     results = {}
     for spec in args.model:
         model = zoo.load(spec).eval()
-        results[spec] = res = evaluate(model, images, args.size)
-        for group, r in res.items():
-            print(
-                f"{spec} | {group} ({r['n_images']} images, {r['n_groups']} groups, grids {r['grids'][:3]}): "
-                f"per-head medians {r['median_per_head']}; fixed head {r['fixed_head']} median "
-                f"{r['fixed_head_median']} [{r['fixed_head_ci'][0]}, {r['fixed_head_ci'][1]}]; best head per "
-                f"image median {r['best_head_per_image_median']} [{r['best_head_per_image_ci'][0]}, "
-                f"{r['best_head_per_image_ci'][1]}]; {r['seconds_per_image']} s/image",
-                flush=True,
-            )
+        results[spec] = evaluate(model, images, args.size, spec)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=list))
 

@@ -197,6 +197,7 @@ def test_overlay_dock_dino_msmae_mae_keep_the_image_grid(
     image = open_file(viewer, data_dir / "hippocampus" / "imagesTr" / "hippocampus_003.nii.gz")[0]
     ow = OverlayWidget(viewer)
     add_docks(viewer, ow, names=("Attention & masking",))
+    ow.resolution.setValue(128)  # a 16 x 11 patch grid on these 51 x 35 slices: quick (the default is 64 x 64)
     z = 20
     viewer.dims.set_current_step(0, z)
     z_world = image.translate[0] + z * image.scale[0]
@@ -208,12 +209,13 @@ def test_overlay_dock_dino_msmae_mae_keep_the_image_grid(
         qtbot.waitUntil(lambda: ow._worker is None, timeout=60_000)
         assert ow.last_layers, ow.status_label.text()
         for layer in ow.last_layers:
-            assert layer.data.shape == (1, *image.data.shape[1:])
-            assert tuple(layer.scale) == tuple(image.scale)
-            assert tuple(layer.translate) == (z_world, *image.translate[1:])
+            lead = layer.ndim - image.ndim  # DINO's layers carry a leading head axis
+            assert layer.data.shape[lead:] == (1, *image.data.shape[1:])
+            assert tuple(layer.scale)[lead:] == tuple(image.scale)
+            assert tuple(layer.translate)[lead:] == (z_world, *image.translate[1:])
         if key == "dino":
-            heads = [ly for ly in ow.last_layers if ly.name.startswith("attention head")]
-            assert len(heads) == 3 and all(ly.blending == "additive" for ly in heads)
+            (att,) = [ly for ly in ow.last_layers if ly.name == "attention"]
+            assert att.data.shape[0] == 3 and att.blending == "translucent"
             shot(viewer, qtbot, test_output, "overlay_dino")
             for ly in ow.last_layers:
                 ly.visible = False
@@ -228,9 +230,10 @@ def test_overlay_dock_dino_msmae_mae_keep_the_image_grid(
     shot(viewer, qtbot, test_output, "overlay_mae")
     # following the slice: moving to another slice recomputes the overlay there
     ow.follow.setChecked(True)
-    viewer.dims.set_current_step(0, z + 2)
+    viewer.dims.set_current_step(viewer.dims.ndim - 3, z + 2)  # Z: the attention layer added a head axis
     qtbot.waitUntil(
-        lambda: ow._worker is None and viewer.layers["MAE mask (75%, seed 0)"].translate[0] == z_world + 2
+        lambda: ow._worker is None and viewer.layers["MAE mask (75%, seed 0)"].translate[0] == z_world + 2,
+        timeout=60_000,
     )
     ow.follow.setChecked(False)
     for ly in list(viewer.layers)[1:]:
@@ -396,11 +399,20 @@ def test_shipped_dino_attends_to_the_breast_on_a_real_mammogram(
     ow.select("dino_tiny_medical")
     assert ow.method_combo.currentText() == "DINO attention"
     ow.show_overlays()
-    qtbot.waitUntil(lambda: ow._worker is None, timeout=60_000)
-    heads = [ly for ly in ow.last_layers if ly.name.startswith("attention head")]
-    assert len(heads) == 3
-    lift = heads[0].metadata["medssl"]["tissue_lift"]
+    qtbot.waitUntil(lambda: ow._worker is None, timeout=120_000)
+    att, mask = ow.last_layers  # one layer per kind, the heads on a slider
+    assert (
+        att.name == "attention" and att.data.shape == (3, 1024, 1024) and mask.data.shape == (3, 1024, 1024)
+    )
+    meta = att.metadata["medssl"]
+    assert meta["grid"] == [64, 64] and meta["input_size"] == [512, 512]  # the default on a CPU
+    assert att.colormap.colors[0][3] == 0.0 and att.colormap.colors[-1][3] > 0.5  # opacity follows attention
+    assert viewer.dims.axis_labels[0] == "head" and "not an explanation" in ow.legend.text()
+    lift = meta["tissue_lift"]
     assert max(lift) > 1.5 and min(lift) < 1.0, lift  # a tissue head and a background/marker head
+    assert "64 × 64" in ow.status_label.text()
+    viewer.dims.set_current_step(0, int(np.argmax(lift)))
+    mask.visible = False
     shot(viewer, qtbot, test_output, "overlay_dino_zoo_mammogram")
 
 
