@@ -24,7 +24,9 @@ def add_parser(sub: Any, parser_class: type) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, metavar="NAME|CKPT", help="zoo model or checkpoint (ViT-based)")
+    p.add_argument(
+        "--model", required=True, metavar="NAME|CKPT", help="zoo model, checkpoint or run folder (ViT-based)"
+    )
     p.add_argument(
         "--input",
         required=True,
@@ -57,14 +59,10 @@ def cmd_attention(args: argparse.Namespace) -> int:
     """``attention``: the maps of one image into ``--out``."""
     from napari_medssl import zoo
     from napari_medssl.attention_files import image_plane, write_attention
-    from napari_medssl.engine.build import resolve_checkpoint
     from napari_medssl.inference import pick_device
 
-    ckpt = resolve_checkpoint(args.model)
-    if ckpt is None:
-        raise ValueError(f"{args.model!r} is an untrained architecture; give a zoo model or a checkpoint")
     device = pick_device(args.device)
-    model = zoo.load(ckpt, device=str(device)).eval()
+    model = zoo.load(args.model, device=str(device)).eval()  # zoo name, checkpoint or run folder
     plane, info = image_plane(args.input, args.slice)
     record = write_attention(
         model,
