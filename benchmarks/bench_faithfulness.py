@@ -25,6 +25,7 @@ import torch
 
 from napari_medssl import explain, overlays, zoo
 from napari_medssl.engine import readers
+from napari_medssl.engine.metrics import grouped_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDSSL_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -46,18 +47,6 @@ def val_images() -> list[tuple[str, np.ndarray]]:
         plane = overlays.take_plane(np.asarray(img.data), rgb=img.rgb).data
         out.append((f"w{(int(stem[3:]) + 1) // 2}", plane))
     return out
-
-
-def paired_ci(diff: np.ndarray, groups: list[str], n: int = 2000) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    names = sorted(set(groups))
-    idx = {g: [i for i, h in enumerate(groups) if h == g] for g in names}
-    means = []
-    for _ in range(n):
-        rows = [i for k in rng.choice(len(names), len(names)) for i in idx[names[k]]]
-        means.append(diff[rows].mean())
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def run_model(name: str, images: list, n_random: int) -> dict:
@@ -106,12 +95,12 @@ def main() -> None:
             row = {}
             for kind, better in (("deletion", -1), ("insertion", 1)):
                 a, r = np.array(aucs[m][kind]), np.array(aucs["random"][kind])
-                lo, hi = paired_ci(better * (a - r), groups)
+                lo, hi = grouped_bootstrap(better * (a - r), groups, np.mean)
                 row[kind] = {
                     "auc": round(float(a.mean()), 4),
                     "random": round(float(r.mean()), 4),
                     "gain_vs_random": round(float((better * (a - r)).mean()), 4),
-                    "gain_ci": [round(lo, 4), round(hi, 4)],
+                    "gain_ci": [round(float(lo), 4), round(float(hi), 4)],
                 }
             summary[m] = row
             print(

@@ -30,6 +30,7 @@ import yaml
 
 from napari_medssl import overlays, zoo
 from napari_medssl.engine import readers
+from napari_medssl.engine.metrics import grouped_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDSSL_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -57,20 +58,6 @@ def held_out(mr_step: int = 1) -> dict[str, list[tuple[str, str, overlays.Plane]
     return out
 
 
-def bootstrap_median(values: np.ndarray, groups: list[str], n: int = 2000) -> tuple[float, float]:
-    """Percentile 95 % interval of the median, resampling groups."""
-    rng = np.random.default_rng(0)
-    names = sorted(set(groups))
-    idx = {g: [i for i, h in enumerate(groups) if h == g] for g in names}
-    meds = []
-    for _ in range(n):
-        pick = rng.choice(len(names), len(names))
-        rows = [i for k in pick for i in idx[names[k]]]
-        meds.append(np.median(values[rows], axis=0))
-    lo, hi = np.percentile(np.array(meds), [2.5, 97.5], axis=0)
-    return lo, hi
-
-
 def evaluate(model: torch.nn.Module, images: dict, size: int | None, spec: str = "") -> dict:
     """Per group: lifts per image and head, grid sizes, both summaries with intervals, seconds per image
     (each group printed as it is done)."""
@@ -86,9 +73,9 @@ def evaluate(model: torch.nn.Module, images: dict, size: int | None, spec: str =
         groups = [g for g, _, _ in items]
         per_head = np.median(lifts, axis=0)
         head = int(np.nanargmax(per_head))
-        lo, hi = bootstrap_median(lifts, groups)
+        lo, hi = grouped_bootstrap(lifts, groups)
         best = np.nanmax(lifts, axis=1)
-        blo, bhi = bootstrap_median(best[:, None], groups)
+        blo, bhi = grouped_bootstrap(best[:, None], groups)
         result[group] = {
             "n_images": len(items),
             "n_groups": len(set(groups)),

@@ -157,3 +157,13 @@ def test_dino_global_crops_smaller_than_the_image_size():
     assert model.input_size == (64, 64) and model.global_size == (32, 32) and model.local_size == (16, 16)
     out = model.pretrain_loss(torch.rand(2, 1, 64, 64))
     assert torch.isfinite(out["loss"])
+
+
+def test_grouped_bootstrap_resamples_whole_groups():
+    from napari_medssl.engine.metrics import grouped_bootstrap
+
+    values = np.array([1.0, 1.0, 5.0, 5.0])  # each group's two cases are equal: medians only of 1, 3 or 5
+    lo, hi = grouped_bootstrap(values, ["a", "a", "b", "b"], n=200)
+    assert lo == 1.0 and hi == 5.0
+    lo, hi = grouped_bootstrap(np.full((6, 2), 2.0), list("aabbcc"), np.mean, n=50)
+    assert np.all(lo == 2.0) and np.all(hi == 2.0)

@@ -7,6 +7,8 @@ left out of that label's average, not counted as 1). Voxels marked ``ignore`` co
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -144,3 +146,20 @@ def bootstrap_auc(
         return float(auc), float("nan"), float("nan")
     lo, hi = np.percentile(vals, [2.5, 97.5])
     return float(auc), float(lo), float(hi)
+
+
+def grouped_bootstrap(
+    values: np.ndarray, groups: list[str], statistic: Any = np.median, n: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile 95 % interval of ``statistic(values[rows], axis=0)``, resampling groups (patients, women)
+    with replacement; ``values`` ``(cases, ...)``; returns ``(low, high)`` with the trailing shape."""
+    values = np.asarray(values, dtype=float)
+    uniq = sorted(set(groups))
+    members = {g: np.array([i for i, h in enumerate(groups) if h == g]) for g in uniq}
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n):
+        pick = np.concatenate([members[uniq[j]] for j in rng.integers(0, len(uniq), len(uniq))])
+        stats.append(statistic(values[pick], axis=0))
+    lo, hi = np.percentile(np.array(stats), [2.5, 97.5], axis=0)
+    return lo, hi
