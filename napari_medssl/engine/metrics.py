@@ -7,6 +7,7 @@ left out of that label's average, not counted as 1). Voxels marked ``ignore`` co
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -127,18 +128,24 @@ def classification_metrics(probs: np.ndarray, target: np.ndarray) -> dict[str, f
     }
 
 
+def group_resamples(groups: list[str], n: int = 2000, seed: int = 0) -> Iterator[np.ndarray]:
+    """``n`` bootstrap resamples of case indices: as many groups as there are, drawn with replacement, each
+    bringing all its cases (a woman's two mammograms, a patient's slices)."""
+    uniq = sorted(set(groups))
+    members = {g: np.array([i for i, h in enumerate(groups) if h == g]) for g in uniq}
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield np.concatenate([members[uniq[j]] for j in rng.integers(0, len(uniq), len(uniq))])
+
+
 def bootstrap_auc(
     scores: np.ndarray, labels: np.ndarray, groups: list[str], n: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:
     """AUC and its bootstrap 95 % interval, resampling groups (patients, women) with replacement."""
     scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
     auc = roc_auc(scores, labels)
-    uniq = sorted(set(groups))
-    members = {g: np.array([i for i, h in enumerate(groups) if h == g]) for g in uniq}
-    rng = np.random.default_rng(seed)
     vals = []
-    for _ in range(n):
-        pick = np.concatenate([members[uniq[j]] for j in rng.integers(0, len(uniq), len(uniq))])
+    for pick in group_resamples(groups, n, seed):
         if labels[pick].all() or not labels[pick].any():
             continue
         vals.append(roc_auc(scores[pick], labels[pick]))
@@ -154,12 +161,6 @@ def grouped_bootstrap(
     """Percentile 95 % interval of ``statistic(values[rows], axis=0)``, resampling groups (patients, women)
     with replacement; ``values`` ``(cases, ...)``; returns ``(low, high)`` with the trailing shape."""
     values = np.asarray(values, dtype=float)
-    uniq = sorted(set(groups))
-    members = {g: np.array([i for i, h in enumerate(groups) if h == g]) for g in uniq}
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n):
-        pick = np.concatenate([members[uniq[j]] for j in rng.integers(0, len(uniq), len(uniq))])
-        stats.append(statistic(values[pick], axis=0))
+    stats = [statistic(values[pick], axis=0) for pick in group_resamples(groups, n, seed)]
     lo, hi = np.percentile(np.array(stats), [2.5, 97.5], axis=0)
     return lo, hi
