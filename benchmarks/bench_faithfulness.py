@@ -2,7 +2,8 @@
 [CLS] attention, each against random maps, by deletion and insertion AUC (RISE's metrics, patch by patch).
 
     MEDSSL_DATA_DIR=../shared/data python benchmarks/bench_faithfulness.py \
-        [--model scratch_vit_tiny_mias --model mae_tiny_mias ...] [--random 3] [--json out.json]
+        [--model scratch_vit_tiny_mias --model mae_tiny_mias ...] [--random 3] [--patches-per-step 1] \
+        [--json out.json]
 
 Images: the 42 validation mammograms of ``models/splits/mias_seed0.json`` (held out from every mini-MIAS
 classifier), at each classifier's input size (64 x 64, as ``medssl predict`` feeds them). Target: the class the
@@ -49,7 +50,7 @@ def val_images() -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def run_model(name: str, images: list, n_random: int) -> dict:
+def run_model(name: str, images: list, n_random: int, step: int) -> dict:
     model = zoo.load(name).eval()
     aucs: dict[str, dict[str, list[float]]] = {
         m: {"deletion": [], "insertion": []} for m in (*METHODS, "random")
@@ -62,7 +63,9 @@ def run_model(name: str, images: list, n_random: int) -> dict:
         maps.update(
             {f"random{k}": r for k, r in enumerate(explain.random_maps(maps["grad_cam"].shape, n_random, i))}
         )
-        res = {m: explain.deletion_insertion(model, x, s, target) for m, s in maps.items()}
+        res = {
+            m: explain.deletion_insertion(model, x, s, target, patches_per_step=step) for m, s in maps.items()
+        }
         for m in METHODS:
             for kind in ("deletion", "insertion"):
                 aucs[m][kind].append(res[m][f"{kind}_auc"])
@@ -79,6 +82,7 @@ def main() -> None:
         "--model", action="append", help="zoo classifier (repeat; default the four mini-MIAS ones)"
     )
     p.add_argument("--random", type=int, default=3, help="random maps per image (default 3)")
+    p.add_argument("--patches-per-step", type=int, default=1, help="patches per curve step (default 1)")
     p.add_argument("--json", type=Path)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -89,7 +93,7 @@ def main() -> None:
     out = {}
     for name in args.model or MODELS:
         t0 = time.perf_counter()
-        aucs = run_model(name, images, args.random)
+        aucs = run_model(name, images, args.random, args.patches_per_step)
         out[name] = summary = {}
         for m in METHODS:
             row = {}

@@ -167,3 +167,12 @@ def test_grouped_bootstrap_resamples_whole_groups():
     assert lo == 1.0 and hi == 5.0
     lo, hi = grouped_bootstrap(np.full((6, 2), 2.0), list("aabbcc"), np.mean, n=50)
     assert np.all(lo == 2.0) and np.all(hi == 2.0)
+
+
+def test_deletion_insertion_coarse_steps_match_the_fine_curve(classifier):
+    x = torch.rand(1, 1, 64, 64)
+    sal = torch.rand(8, 8)
+    fine = explain.deletion_insertion(classifier, x, sal, 1)
+    coarse = explain.deletion_insertion(classifier, x, sal, 1, patches_per_step=4)
+    assert coarse["deletion"].shape == (17,)
+    assert torch.allclose(coarse["deletion"], fine["deletion"][::4], atol=1e-5)
