@@ -17,7 +17,7 @@ from typing import Any
 
 from napari_medssl._gl_guard import keep_triton_out
 
-DOCKS = ("Model", "Attention & masking", "Fine-tune", "Where to paint next")
+DOCKS = ("Model", "Attention & masking", "Where to paint next", "Fine-tune")  # the last tab added shows
 PLUGIN = "napari-medssl"
 
 
