@@ -268,7 +268,9 @@ def test_starting_and_stopping_finetuning_leaves_nothing_behind(
         assert r["events"][-1] == "stopped" and not r["errors"], r
         assert r["stop_s"] < 3.0, r
     assert "step" in results[3]["events"]  # one run really trained before it was stopped
-    assert after["children"] == [] and after["threads"] == before["threads"], (before, after)
+    # processes that were already running (a session-scoped Orthanc from the PACS tests) are not ours
+    assert set(after["children"]) <= set(before["children"]), (before, after)
+    assert after["threads"] == before["threads"], (before, after)
     assert after["fds"] <= before["fds"] + 2, (before, after)
     assert after["rss_mb"] - before["rss_mb"] < 50, (before, after)
     json.dumps(results)
