@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_medssl import slices25d
 from napari_medssl.transforms import normalize_intensity
 
 __all__ = [
@@ -266,6 +267,8 @@ def segment_probabilities(
     mirror: tuple[int, ...] = (),
     progress: Progress = None,
     cancel: Cancel = None,
+    spacing: tuple[float, ...] | None = None,
+    affine: np.ndarray | None = None,
 ) -> np.ndarray:
     """Class probabilities ``(K, *spatial)`` for an image or volume (see the module docstring).
 
@@ -281,8 +284,25 @@ def segment_probabilities(
             augmentation; ``()`` for none (see the module docstring).
         progress: called as ``progress(done, total)`` after each forward pass.
         cancel: a callable or ``threading.Event``; when it turns true, :class:`Cancelled` is raised.
+        spacing: the image's voxel size in mm (per spatial axis), for models whose checkpoint records 2.5D
+            input conventions with an in-plane spacing (:mod:`napari_medssl.slices25d`); others ignore it.
+        affine: the volume's index → RAS mm matrix, for 2.5D models recording where the structure was painted
+            (their ``roi``); others ignore it.
     """
     dev = _on_device(model, device)
+    conv = slices25d.conventions(model)
+    if conv is not None:  # a 2.5D model: neighbouring slices as channels, at its recorded in-plane spacing
+        if rgb or (rgb is None and image_spatial_dims(np.asarray(image)) == 2 and np.ndim(image) == 3):
+            raise ValueError(f"a 2.5D gray-scale model cannot take an RGB image (shape {np.shape(image)})")
+        moved = np.moveaxis(np.asarray(image), slice_axis, 0) if np.ndim(image) == 3 else np.asarray(image)
+        yx = None if spacing is None else tuple(float(s) for s in spacing)[-2:]
+        if yx is not None and np.ndim(image) == 3 and slice_axis != 0:
+            yx = tuple(float(s) for i, s in enumerate(spacing) if i != slice_axis)  # type: ignore[assignment]
+        roi_affine = affine if slice_axis == 0 else None
+        probs = slices25d.segment_probabilities(
+            model, moved, conv, dev, yx, batch_size, mirror, progress, cancel, affine=roi_affine
+        )
+        return np.moveaxis(probs, 1, slice_axis + 1) if np.ndim(image) == 3 else probs
     x = torch.from_numpy(prepare_image(image, model.spec.in_chans, rgb))
     probs = segment_prepared(model, x, dev, slice_axis, batch_size, overlap, progress, cancel, mirror)
     return probs.numpy()

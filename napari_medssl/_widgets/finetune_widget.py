@@ -45,8 +45,10 @@ from napari_medssl.finetune_process import (
     new_run_dir,
     segmentation_samples,
 )
+from napari_medssl.io.layers import affine_from_layer
 
 TARGET = "napari_medssl.finetune_process:finetune_events"
+ADAPT_TARGET = "napari_medssl.engine.adapt:adapt_events"  # painted labels on a volume: fast 2.5D adaptation
 VAL_METRICS = ("mean_dice", "auc", "accuracy", "val_loss")
 MIN_HELD_OUT = 4  # fewer annotated cases than this: validate on the annotations themselves
 
@@ -159,6 +161,13 @@ class FinetuneWidget(QWidget):
         self.point_box = QSpinBox()
         self.point_box.setRange(8, 4096)
         self.point_box.setValue(128)
+        self.minutes = QDoubleSpinBox()
+        self.minutes.setRange(0.1, 600.0)
+        self.minutes.setValue(1.0)
+        self.minutes.setToolTip(
+            "Time budget for labels painted on a volume (fast 2.5D adaptation; the first checkpoint comes "
+            "within seconds and a preview of the current slice follows every checkpoint)"
+        )
         self.hold_out = QCheckBox(f"hold out 25% for validation (from {MIN_HELD_OUT} annotated slices/items)")
         self.hold_out.setChecked(True)
         self.start_btn = QPushButton("Start")
@@ -194,6 +203,7 @@ class FinetuneWidget(QWidget):
                 ("LR", self.lr),
                 ("Validate every", self.val_every),
                 ("Point box (px)", self.point_box),
+                ("Minutes (volume)", self.minutes),
             ]
         ):
             params.addWidget(QLabel(label), i // 2, 2 * (i % 2))
@@ -327,6 +337,10 @@ class FinetuneWidget(QWidget):
             show_info("Fine-tuning is already running")
             return None
         choice = self.session.model
+        if self._painted_volume():
+            adapt_from = self._adapt_source(choice.source if choice is not None else None)
+            if adapt_from is not False:  # fast 2.5D adaptation (the default starting point when no fit)
+                return self.start_adapt(adapt_from)
         try:
             if choice is None:
                 raise ValueError("no model: pick a zoo model or a checkpoint in the Model dock")
@@ -374,21 +388,131 @@ class FinetuneWidget(QWidget):
         except Exception as err:
             report_error(err, "Cannot start fine-tuning")
             return None
-        self.proc = proc
-        self.run_dir = out_dir
-        self.best_path = None
-        self.events = []
-        self._t_first = None
+        where = "held-out 25%" if held_out else "the annotations themselves"
+        self._started(proc, out_dir, f"training on {n} annotated case(s), validation on {where}")
+        return proc
+
+    def _painted_volume(self) -> bool:
+        """Whether the annotations are a Labels layer painted on a gray-scale volume (the adaptation path)."""
+        image, ann = self.image_combo.layer(), self.ann_combo.layer()
+        return isinstance(ann, Labels) and image is not None and image.ndim == 3 and not image.rgb
+
+    def _adapt_source(self, source: str | None) -> str | None | bool:
+        """For labels painted on a volume: the model to adapt (``None``: the default starting point), or
+        ``False`` to fine-tune the Model dock's model as it is (it fits the image and the painted classes).
+
+        Adapted: no model; a model made by adaptation (2.5D conventions); a model that does not fit the image
+        (its card's domain, :mod:`napari_medssl.domain`) or has fewer classes than painted; not a segmenter.
+        """
+        from napari_medssl.engine import adapt
+
+        if source is None:
+            return None
+        try:
+            facts = model_facts(source)
+            painted = np.asarray(self.ann_combo.layer().data)
+            top = int(painted.max()) - 1
+        except Exception:
+            return None
+        if facts["ensemble"]:
+            return False  # the ensemble's own message (fine-tune a member) stays
+        chosen, _ = adapt.choose_start(source, top + 1)
+        if chosen == source:
+            return source
+        fits, _ = self._fits_image(source)
+        return False if fits and facts["task"] == "segment" and top < facts["num_classes"] else None
+
+    def _fits_image(self, source: str) -> tuple[bool, str]:
+        """Whether the model's card domain fits the chosen image (True when nothing is recorded)."""
+        try:
+            from napari_medssl import domain, zoo
+        except ImportError:  # domain fit not available: trust the user's choice
+            return True, ""
+        card = zoo.card(source) if source in zoo.list_zoo() else None
+        fit = domain.check(
+            domain.model_domain(card=card),
+            domain.facts_from_layer(self.image_combo.layer()),
+            Path(source).name,
+        )
+        return fit.fits, "" if fit.fits else fit.message
+
+    def start_adapt(self, source: str | None) -> TrainingProcess | None:
+        """Fast 2.5D adaptation (:mod:`napari_medssl.engine.adapt`) on the painted volume, in a process.
+
+        Every check runs here first (grid, painted classes, a starting model that takes the image); the
+        starting point is the Model dock's model when it was made for painted slices, else the default one.
+        """
+        from napari_medssl.engine import adapt
+
+        image, ann = self.image_combo.layer(), self.ann_combo.layer()
+        try:
+            data, painted = np.asarray(image.data), np.array(ann.data)  # a copy: painting may go on
+            classes = adapt.painted_classes(painted)
+            start, why = adapt.choose_start(source, max(classes) + 1)
+            z = int(self.viewer.dims.current_step[0]) if self.viewer.dims.ndim == 3 else None
+            cfg = dict(
+                out_dir=str(new_run_dir(start)),
+                model=start,
+                max_minutes=self.minutes.value(),
+                preview_slice=z,
+                device="cpu",
+            )
+            adapt.preflight(data, painted, cfg)
+            self.autosave_now()
+            proc = TrainingProcess(
+                ADAPT_TARGET,
+                dict(
+                    image=data,
+                    painted=painted,
+                    config=cfg,
+                    spacing_yx=tuple(image.scale[-2:]),
+                    affine=affine_from_layer(image.metadata, data.shape, image.scale, image.translate),
+                ),
+            )
+            proc.start()
+        except Exception as err:
+            report_error(err, "Cannot start fine-tuning")
+            return None
+        self._started(
+            proc,
+            Path(cfg["out_dir"]),
+            f"{why}; {len(classes)} painted classes, {self.minutes.value():g} min budget",
+        )
+        return proc
+
+    def _started(self, proc: TrainingProcess, out_dir: Path, message: str) -> None:
+        self.proc, self.run_dir, self.best_path = proc, out_dir, None
+        self.events, self._t_first = [], None
         self.plot.clear()
         self.start_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         self.use_best_btn.setEnabled(False)
-        where = "held-out 25%" if held_out else "the annotations themselves"
-        self.status_label.setText(f"starting: {n} annotated case(s), validation on {where}…")
-        self.state_label.setText(f"training on {n} annotated case(s), validation on {where}")
+        self.status_label.setText(message)
+        self.state_label.setText(message)
         self.show_progress()
         self.timer.start()
-        return proc
+
+    def show_preview(self, ev: dict) -> None:
+        """Show a checkpoint's prediction of one slice in a ``fine-tune preview`` Labels layer."""
+        image = self.image_combo.layer()
+        if image is None or image.ndim != 3:
+            return
+        name = f"{image.name} fine-tune preview"
+        if name not in self.viewer.layers:
+            self.viewer.add_labels(
+                np.zeros(image.data.shape[:3], np.uint8),
+                name=name,
+                scale=image.scale,
+                translate=image.translate,
+                opacity=0.5,
+                colormap=annotation_colors(self._class_names()),
+                metadata={"medssl": {"prediction": True}},
+            )
+        layer = self.viewer.layers[name]
+        z = int(ev["slice"])
+        if 0 <= z < layer.data.shape[0] and layer.data.shape[1:] == ev["labels"].shape:
+            layer.data[z] = ev["labels"]
+            layer.refresh()
 
     def show_progress(self) -> None:
         """Show the progress window (live curve and ETA) beside the viewer."""
@@ -420,15 +544,20 @@ class FinetuneWidget(QWidget):
             t0, s0 = self._t_first
             done, total = ev["step"], ev["total_steps"]
             eta = ""
-            if done > s0:
+            if "remaining_s" in ev:
+                eta = f" · {_fmt_seconds(ev['remaining_s'])} left"
+            elif done > s0:
                 eta = f" · ETA {_fmt_seconds((total - done) * (now - t0) / (done - s0))}"
-            self.status_label.setText(f"step {done}/{total} · loss {ev['loss']:.4f}{eta}")
+            shown = f"{done}" if "remaining_s" in ev else f"{done}/{total}"
+            self.status_label.setText(f"step {shown} · loss {ev['loss']:.4f}{eta}")
         elif kind == "val":
             metrics = ev.get("metrics") or {}
             name = next((m for m in VAL_METRICS if m in metrics), None)
             if name is not None:
                 self.plot.set_label("val", f"val {name}")
                 self.plot.add_point("val", ev["step"], metrics[name])
+        elif kind == "preview":
+            self.show_preview(ev)
         elif kind == "checkpoint" and ev.get("best"):
             self.best_path = ev["path"]
             self.use_best_btn.setEnabled(True)

@@ -72,7 +72,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
         "the learning rate then decays on time",
     )
     g.add_argument("--batch-size", type=int, default=8, help="samples per step and process (default 8)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default 1e-3)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate, AdamW (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     g.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (default 50)")
     g.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N or mps")
@@ -155,9 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
         "unet_tiny --data $MEDSSL_DATA_DIR/hippocampus --task segment --out runs/unet",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _model_arg(p, "architecture, zoo model or checkpoint to start from")
+    p.add_argument(
+        "--model",
+        metavar="NAME|CKPT",
+        help="architecture, zoo model or checkpoint to start from (required unless --labels: then the default "
+        "starting point for new structures, unet_start_medical)",
+    )
     p.add_argument("--task", required=True, choices=("classify", "segment"), help="what to train for")
     _training_args(p)
+    p.add_argument(
+        "--labels",
+        metavar="PAINTED",
+        help="fast adaptation: a label volume painted on --data IMAGE's grid (0 unlabelled, 1 background, "
+        "k+1 class k); trains a 2.5D model on crops around the paint, DIR/best.safetensors written early and "
+        "kept current (see engine/adapt.py)",
+    )
     p.add_argument("--num-classes", type=int, default=0, help="classes (default: from the data)")
     p.add_argument("--ignore-index", type=int, help="label value meaning unlabelled (painted labels: 0)")
     g = p.add_argument_group("knowledge distillation")
@@ -316,6 +328,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from napari_medssl.engine.config import TrainConfig
     from napari_medssl.engine.loop import train
 
+    args.lr_given, args.lr = args.lr is not None, 1e-3 if args.lr is None else args.lr
+    if getattr(args, "labels", None):
+        from napari_medssl.engine import cli_adapt
+
+        return cli_adapt.run(args)
+    if not args.model:
+        raise ValueError("--model is required (unless --labels gives painted labels)")
     config = TrainConfig(
         model=args.model,
         task="pretrain" if args.command == "pretrain" else args.task,
@@ -494,6 +513,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 rgb=loaded.rgb,
                 mirror=inference.training_flip_axes(model) if args.tta else (),
+                spacing=loaded.spacing,
+                affine=loaded.affine,
             )
             if spec.label_values:  # trained on remapped labels (painted 1..K): write those values
                 labels = np.asarray(spec.label_values)[labels]
