@@ -14,11 +14,18 @@ from napari_medssl import overlays
 
 __all__ = ["METHODS", "compute_overlays", "method_for", "parse_ratios"]
 
-METHODS = ("DINO attention", "MSMAE masking", "MAE reconstruction", "MiM nested masks")
+METHODS = (
+    "DINO attention",
+    "MSMAE masking",
+    "MAE reconstruction",
+    "MiM nested masks",
+    "Grad-CAM (classifier)",
+)
 
 
 def method_for(model: Any) -> str:
-    """The overlay that fits a model: MSMAE, MAE, MiM or DINO-style attention (any ViT)."""
+    """The overlay that fits a model: MSMAE, MAE, MiM, Grad-CAM (other ViT classifiers) or DINO-style attention
+    (any ViT)."""
     name = model.spec.name.lower()
     if hasattr(model, "masking_pattern"):
         return "MSMAE masking"
@@ -26,6 +33,8 @@ def method_for(model: Any) -> str:
         return "MiM nested masks"
     if hasattr(model, "reconstruct") and not name.startswith("miram"):
         return "MAE reconstruction"
+    if model.spec.task == "classify":
+        return "Grad-CAM (classifier)"
     return "DINO attention"
 
 
@@ -65,6 +74,8 @@ def compute_overlays(method: str, model: Any, plane: Any, volume: Any, params: d
             volume["translate"],
             model=model,
         )
+    if method == "Grad-CAM (classifier)":
+        return overlays.saliency_overlays(model, plane, device=device)
     raise ValueError(f"unknown overlay {method!r}; choose one of {', '.join(METHODS)}")
 
 

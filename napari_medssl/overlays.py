@@ -13,6 +13,8 @@ each record into a napari layer; a notebook can plot the arrays.
 - :func:`mae_overlays` — MAE's random mask, its reconstruction and the reconstruction with visible patches
   pasted back.
 - :func:`mim_overlays` — MiM's nested 3D masks on a volume, drawn as one outline per level.
+- :func:`saliency_overlays` — for ViT classifiers: class-specific Grad-CAM beside attention rollout and raw
+  attention (:mod:`napari_medssl.explain`).
 
 Resolution: the ViT overlays run the model at :func:`attention_input_size` (the image's own size, capped by a
 time/memory budget per device, never below a 64 × 64 patch grid; or the long side the caller picks) through the
@@ -440,6 +442,71 @@ def dino_overlays(
             meta,
         ),
     ]
+
+
+# -- classifiers ----------------------------------------------------------------------------------------------
+SALIENCY_LEGEND = (
+    "Grad-CAM: patches whose features raise the chosen class's score (rollout and raw attention beside it, "
+    "hidden); at the classifier's own input size. Which map is more faithful on our data: benchmarks/README.md."
+)
+
+
+def saliency_overlays(
+    model: Any, plane: Plane, target: int | None = None, device: Any = "cpu"
+) -> list[OverlayLayer]:
+    """A ViT classifier's class-specific Grad-CAM, attention rollout and raw [CLS] attention for one plane.
+
+    The classifier runs at its own input size (what it was trained for; a classifier's decision is only
+    defined there), so the maps have its patch grid (8 × 8 for the 64-px mini-MIAS models).
+
+    Args:
+        model: a ViT classifier (``explain.grad_cam``).
+        plane: the 2D image or slice.
+        target: class index; ``None``: the predicted class.
+        device: torch device.
+
+    Returns:
+        Three image layers (per map min-max normalised, :data:`ATTENTION_COLORMAP`): ``Grad-CAM (<class>)``,
+        then ``attention rollout`` and ``raw attention`` (hidden). Metadata: class, its probability, grid.
+
+    Raises:
+        ValueError: not a ViT classifier, or a target out of range.
+    """
+    import torch
+
+    from napari_medssl import explain
+
+    _check_plane(plane)
+    x = model_input(plane.data, model, device)
+    with torch.no_grad():
+        probs = model(x).softmax(dim=1)[0]
+    target = int(probs.argmax()) if target is None else int(target)
+    if not 0 <= target < len(probs):
+        raise ValueError(f"class {target} out of range: the model has {len(probs)} classes")
+    maps = {
+        "Grad-CAM": explain.grad_cam(model, x, target)[0],
+        "attention rollout": explain.attention_rollout(model, x)[0],
+        "raw attention": explain.raw_attention(model, x)[0],
+    }
+    names = model.spec.class_names or tuple(str(i) for i in range(len(probs)))
+    hw = tuple(x.shape[-2:])
+    grid = list(maps["Grad-CAM"].shape)
+    pixels = explain.patch_pixels(model, x)
+    meta = {
+        "method": "saliency",
+        "class": names[target],
+        "probability": round(float(probs[target]), 4),
+        "grid": grid,
+        "input_size": list(hw),
+        "legend": SALIENCY_LEGEND,
+    }
+    style = {"colormap": ATTENTION_COLORMAP, "blending": "translucent", "contrast_limits": (0.0, 1.0)}
+    out = []
+    for i, (name, m) in enumerate(maps.items()):
+        arr = minmax(_grid_to_plane(m.cpu(), pixels, hw, plane.data.shape, nearest=True)[None])[0]
+        label = f"{name} ({names[target]})" if name == "Grad-CAM" else name
+        out.append(_layer(plane, "image", label, arr, {**style, "visible": i == 0}, meta))
+    return out
 
 
 # -- MSMAE ----------------------------------------------------------------------------------------------------

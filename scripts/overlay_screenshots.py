@@ -7,7 +7,7 @@ a held-out brain MR slice, at the dock's default resolution, saved as small PNGs
 Images: mini-MIAS mdb017 and the middle slice of TCIA PGBM-001's 1991-11-19 T1post series (both in
 dino_tiny_medical's held-out split). Models: dino_tiny_medical (DINO attention), msmae_tiny_mias (MSMAE
 masking), mae_tiny_mias (MAE reconstruction), mim_tiny_hippocampus (MiM nested masks: 3D, on the MR volume
-only). The DINO shots show the head with the highest tissue lift; the first one is the whole window (dock,
+only), scratch_vit_tiny_mias (Grad-CAM of a classifier, on the mammogram). The DINO shots show the head with the highest tissue lift; the first one is the whole window (dock,
 legend, head slider).
 """
 
@@ -38,6 +38,7 @@ SHOTS = [  # (file stem, image, model, whole window)
     ("mae_mammogram", MAMMOGRAM, "mae_tiny_mias", False),
     ("mae_mr", MR, "mae_tiny_mias", False),
     ("mim_mr", MR, "mim_tiny_hippocampus", False),
+    ("gradcam_mammogram", MAMMOGRAM, "scratch_vit_tiny_mias", False),
 ]
 
 

@@ -176,3 +176,27 @@ def test_deletion_insertion_coarse_steps_match_the_fine_curve(classifier):
     coarse = explain.deletion_insertion(classifier, x, sal, 1, patches_per_step=4)
     assert coarse["deletion"].shape == (17,)
     assert torch.allclose(coarse["deletion"], fine["deletion"][::4], atol=1e-5)
+
+
+def test_saliency_overlays_for_a_zoo_classifier_on_a_mammogram(data_dir):
+    from napari_medssl import zoo
+    from napari_medssl.io import read
+    from napari_medssl.overlay_methods import method_for
+
+    model = zoo.load("scratch_vit_tiny_mias").eval()
+    assert method_for(model) == "Grad-CAM (classifier)"
+    img = read(data_dir / "mammography_mias" / "mdb017.png")[0]
+    plane = ov.take_plane(img.data, None, (0, 1), img.scale, img.translate)
+    cam, roll, raw = ov.saliency_overlays(model, plane)
+    assert cam.name.startswith("Grad-CAM (") and cam.metadata["class"] in ("normal", "abnormal")
+    assert cam.metadata["grid"] == [8, 8] and cam.metadata["input_size"] == [64, 64]
+    for ly in (cam, roll, raw):
+        assert ly.data.shape == img.data.shape and ly.data.dtype == np.float32
+        assert ly.data.min() >= 0 and ly.data.max() == pytest.approx(1.0)
+    assert cam.style["visible"] and not roll.style["visible"]
+    other = ov.saliency_overlays(
+        model, plane, target=1 - ["normal", "abnormal"].index(cam.metadata["class"])
+    )[0]
+    assert other.metadata["class"] != cam.metadata["class"]
+    with pytest.raises(ValueError, match="out of range"):
+        ov.saliency_overlays(model, plane, target=5)

@@ -45,7 +45,7 @@ from napari_medssl._widgets._session import get_session
 from napari_medssl.overlay_methods import METHODS, compute_overlays, method_for, parse_ratios
 
 MODEL_DOCK_ITEM = "Model dock's model"
-SSL_FAMILIES = ("dino", "mae", "msmae", "miram", "mim", "vit")
+SSL_FAMILIES = {"dino", "mae", "msmae", "miram", "mim", "vit"}
 
 
 class OverlayWidget(QWidget):
@@ -59,7 +59,7 @@ class OverlayWidget(QWidget):
         self.last_layers: list[Any] = []
 
         self.picker = ModelPicker(
-            zoo_filter=lambda name: name.split("_")[0] in SSL_FAMILIES,
+            zoo_filter=lambda name: bool(SSL_FAMILIES & set(name.split("_"))),  # scratch_vit_... too
             extra_items={MODEL_DOCK_ITEM: self._model_dock_source},
             browse=False,
             empty_error="no model chosen: pick a zoo model, the Model dock's model or a checkpoint file",
@@ -168,8 +168,10 @@ class OverlayWidget(QWidget):
         self.mask_ratio.setEnabled(method == "MAE reconstruction")
         self.ratios.setEnabled(method == "MiM nested masks")
         self.seed.setEnabled(method != "DINO attention")
-        self.resolution.setEnabled(method != "MiM nested masks")
-        self.legend.setVisible(method in ("DINO attention", "MSMAE masking"))
+        saliency = method == "Grad-CAM (classifier)"
+        self.legend.setText(overlays.SALIENCY_LEGEND if saliency else overlays.ATTENTION_LEGEND)
+        self.legend.setVisible(saliency or method in ("DINO attention", "MSMAE masking"))
+        self.resolution.setEnabled(method not in ("MiM nested masks", "Grad-CAM (classifier)"))
 
     def params(self) -> dict[str, Any]:
         """The parameters as plain values."""
