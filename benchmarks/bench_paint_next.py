@@ -140,10 +140,10 @@ def run_study(date: str, args: argparse.Namespace, log) -> list[dict]:
 
 
 # -- hippocampus: the existing engine (the Fine-tune dock's path) ------------------------------------------------
-def hippo_cases(data: Path, n: int) -> list[str]:
-    """The first ``n`` validation cases of the zoo's hippocampus split (never trained on)."""
+def hippo_cases(data: Path, n: int, skip: int = 0) -> list[str]:
+    """``n`` validation cases of the zoo's hippocampus split (never trained on), after the first ``skip``."""
     split = json.loads((ROOT / "models" / "splits" / "hippocampus_seed0.json").read_text())
-    return split["val"][:n]
+    return split["val"][skip : skip + n]
 
 
 def finetune_on(image: np.ndarray, painted: np.ndarray, start: str, steps: int, seed: int, out: Path) -> str:
@@ -189,7 +189,7 @@ def run_hippocampus(args: argparse.Namespace, log) -> list[dict]:
     data = Path(args.data) / "hippocampus"
     start = zoo.load(args.start)
     rows = []
-    for case in hippo_cases(data, args.cases):
+    for case in hippo_cases(data, args.cases, args.skip_cases):
         image = io.read(data / "imagesTr" / f"{case}.nii.gz")[0].data
         truth = io.read(data / "labelsTr" / f"{case}.nii.gz")[0].data.astype(np.int64)
         unc = uncertainty.uncertainty(start, image)
@@ -233,6 +233,7 @@ def main() -> None:
         "--start", default=None, help="starting model (default: unet_tiny_hippocampus / unet_tiny)"
     )
     p.add_argument("--cases", type=int, default=8, help="hippocampus: validation cases")
+    p.add_argument("--skip-cases", type=int, default=0, help="hippocampus: start after this many cases")
     p.add_argument("--steps0", type=int, default=60, help="adaptation steps of M0 on the first slice")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps after painting (100 / 20)")
     p.add_argument("--add", type=int, default=None, help="slices painted in each arm (3 / 2)")
