@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-HEAD_COLORMAPS = ("magenta", "green", "cyan", "yellow", "red", "blue", "bop orange", "bop purple")
 HEAD_COLORS = ((1, 0, 1), (0, 1, 0), (0, 1, 1), (1, 1, 0), (1, 0, 0), (0, 0, 1), (1, 0.55, 0), (0.6, 0.2, 1))
 MSMAE_COLORS = {1: (0.2, 0.85, 0.3, 0.25), 2: (0.15, 0.45, 1.0, 0.6), 3: (0.0, 0.0, 0.0, 0.8)}
 MIM_COLORS = {  # outlines: opaque enough to read as lines over the image
