@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ from napari_medssl.resolve import resolve
 
 DEFAULT_BEST = {"segment": "mean_dice", "classify": "auc", "pretrain": "val_loss"}
 LOWER_IS_BETTER = ("val_loss", "loss")
+AUGMENT_SEED_STRIDE = 1000  # rank r's augmentation stream: seed * 1000 + r (distinct per rank and per seed)
+RESUME_RESEED_STRIDE = 7919  # a prime: ranks other than 0 reseed their augmentation by the step resumed at
+VAL_LOSS_SEED_OFFSET = 12345  # the validation loss's own random stream (masks of self-supervised losses)
 
 
 def train(config: TrainConfig) -> Iterator[dict[str, Any]]:
@@ -193,6 +197,30 @@ def _is_better(value: float, best: float | None, metric: str) -> bool:
     return value < best if metric in LOWER_IS_BETTER else value > best
 
 
+@dataclass
+class _RunState:
+    """Where a run is: its step, progress (fraction done), best-so-far record, last metrics and checkpoint."""
+
+    step: int = 0
+    progress: float = 0.0
+    clock0: float = 0.0  # time.monotonic() at the run's start, sessions before a resume included
+    record: dict[str, Any] = field(
+        default_factory=lambda: {
+            "best_value": None,
+            "best_step": None,
+            "best_metrics": None,
+            "elapsed_s": 0.0,
+        }
+    )
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_path: Path | None = None
+
+    def start_clock(self, config: TrainConfig) -> None:
+        """Start the wall-clock: sessions before a resume count (all ranks follow rank 0's clock)."""
+        self.clock0 = time.monotonic() - float(self.record.get("elapsed_s") or 0.0)
+        self.progress = run_progress(self.step, time.monotonic() - self.clock0, config)
+
+
 class Trainer:
     """One training run; :meth:`run` is the generator. Attributes are there for tests and the viewer.
 
@@ -309,6 +337,49 @@ class Trainer:
         return teacher
 
     def _run(self) -> Iterator[dict[str, Any]]:
+        """Set up, resume or start, then the step loop: train, and every ``val_every`` steps validate and save."""
+        cfg = self.config
+        model = self._prepare_model()
+        loss_module, wrapped, optimizer, aug_gen = self._training_parts(model)
+        run, last = self._resume_or_start(model, optimizer, aug_gen)
+        dist_utils.barrier()
+        sampler, loader = self._loader()
+        per_epoch = max(1, len(loader))
+        run.start_clock(cfg)
+        while run.step < cfg.max_steps and run.progress < 1.0:
+            epoch = run.step // per_epoch
+            sampler.set_epoch(epoch)
+            sampler.start = (run.step % per_epoch) * cfg.batch_size
+            self.train_set.set_epoch(epoch)
+            for batch in loader:
+                loss, lr = self._train_step(model, wrapped, optimizer, batch, aug_gen, run)
+                yield {
+                    "event": "step",
+                    "step": run.step,
+                    "total_steps": cfg.max_steps,
+                    "loss": loss,
+                    "lr": lr,
+                }
+                finished = run.step >= cfg.max_steps or run.progress >= 1.0
+                if run.step % cfg.val_every == 0 or finished:
+                    if self.rank == 0:
+                        yield from self._validate_and_save(model, loss_module, optimizer, aug_gen, run)
+                    dist_utils.barrier()
+                if finished:
+                    break
+        if run.last_path is None and last is not None:
+            run.last_path = self.folder.dir / last["weights"]
+        best_path = self.folder.best_path
+        yield {
+            "event": "done",
+            "step": run.step,
+            "best_path": str(best_path) if best_path.is_file() else None,
+            "last_path": None if run.last_path is None else str(run.last_path),
+            "metrics": run.record.get("best_metrics") or run.metrics,
+        }
+
+    def _prepare_model(self) -> nn.Module:
+        """Check the model names, read the data and split, build the model and the sample sets."""
         cfg = self.config
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         self.device = dist_utils.local_device(pick_device(cfg.device))
@@ -337,13 +408,20 @@ class Trainer:
             self.val_set.set_size(self.size)
         # validation during training runs the model as inference will: on samples of this size
         attach_spec(model, {"sample_size": list(self.size), "class_names": self.class_names})
-        model.to(self.device)
+        return model.to(self.device)
 
+    def _training_parts(
+        self, model: nn.Module
+    ) -> tuple[LossModule, nn.Module, torch.optim.Optimizer, torch.Generator]:
+        """The loss (class weights, distillation teacher), its DDP wrapper, the weights' average, the optimiser
+        and this rank's augmentation generator."""
+        cfg = self.config
         class_weights = None
         if cfg.task == "classify" and cfg.balance_classes:
             counts = self.train_set.class_counts(self.num_classes)
             w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
             class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
+        dims, chans = model.spec.spatial_dims, model.spec.in_chans
         teacher = self._build_teacher(model, dims, chans) if cfg.teacher else None
         loss_module = LossModule(
             model, cfg.task, class_weights, teacher, cfg.distill_weight, cfg.distill_temperature
@@ -356,15 +434,21 @@ class Trainer:
 
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-        aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        aug_gen = torch.Generator().manual_seed(self._augment_seed())
+        return loss_module, wrapped, optimizer, aug_gen
 
-        record: dict[str, Any] = {
-            "best_value": None,
-            "best_step": None,
-            "best_metrics": None,
-            "elapsed_s": 0.0,
-        }
-        step = 0
+    def _augment_seed(self, resumed_at: int = 0) -> int:
+        """This rank's augmentation seed; ranks other than 0 resumed at step ``resumed_at`` (their streams are
+        not saved) are reseeded by that step."""
+        return self.config.seed * AUGMENT_SEED_STRIDE + self.rank + RESUME_RESEED_STRIDE * resumed_at
+
+    def _resume_or_start(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, aug_gen: torch.Generator
+    ) -> tuple[_RunState, dict[str, Any] | None]:
+        """Restore weights, average, optimiser and random streams from ``last.json`` (``config.resume``), or
+        start a fresh run folder (config, split, a start event); return the run's state and the last record."""
+        cfg = self.config
+        run = _RunState()
         last = self.folder.read_last() if cfg.resume else None
         if last is not None:
             from napari_medssl.models.registry import read_checkpoint
@@ -380,146 +464,143 @@ class Trainer:
             if self.rank == 0:
                 aug_gen.set_state(rng["augment0"])
             else:  # other ranks' augmentation streams are not saved: reseed them by step
-                aug_gen.manual_seed(cfg.seed * 1000 + self.rank + 7919 * int(last["step"]))
+                aug_gen.manual_seed(self._augment_seed(resumed_at=int(last["step"])))
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
-            step = int(last["step"])
-            record = {k: last.get(k, record[k]) for k in record}
+            run.step = int(last["step"])
+            run.record = {k: last.get(k, run.record[k]) for k in run.record}
         elif self.rank == 0:
-            self.folder.start_fresh()
-            cfg.save(self.folder.dir / "config.json")
-            save_split(
-                self.split,
-                self.folder.dir / "split.json",
-                seed=cfg.seed,
-                data=self.source.description,
-                val_fraction=cfg.val_fraction,
-            )
-            info = {k: v for k, v in self.build_info.items() if k != "extra"}
-            self.folder.log(
-                {
-                    "event": "start",
-                    "params": count_params(model),
-                    "size": list(self.size),
-                    "n_train": len(self.train_set),
-                    "n_val": len(self.val_cases),
-                    **info,
-                }
-            )
-        dist_utils.barrier()
+            self._start_fresh(model)
+        run.metrics = dict(run.record.get("best_metrics") or {})
+        return run, last
 
+    def _start_fresh(self, model: nn.Module) -> None:
+        """A fresh run folder: the config, the split and a start event."""
+        cfg = self.config
+        self.folder.start_fresh()
+        cfg.save(self.folder.dir / "config.json")
+        save_split(
+            self.split,
+            self.folder.dir / "split.json",
+            seed=cfg.seed,
+            data=self.source.description,
+            val_fraction=cfg.val_fraction,
+        )
+        info = {k: v for k, v in self.build_info.items() if k != "extra"}
+        self.folder.log(
+            {
+                "event": "start",
+                "params": count_params(model),
+                "size": list(self.size),
+                "n_train": len(self.train_set),
+                "n_val": len(self.val_cases),
+                **info,
+            }
+        )
+
+    def _loader(self) -> tuple[SkipSampler, DataLoader]:
+        """The training sampler (resumable mid-epoch, shared out over ranks) and its loader."""
+        cfg = self.config
         sampler = SkipSampler(
             self.train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=cfg.seed
         )
-        drop_last = len(sampler) >= cfg.batch_size
         loader = DataLoader(
             self.train_set,
             batch_size=cfg.batch_size,
             sampler=sampler,
-            drop_last=drop_last,
+            drop_last=len(sampler) >= cfg.batch_size,
             num_workers=cfg.num_workers,
         )
-        per_epoch = max(1, len(loader))
-        best_metric = cfg.best_metric or DEFAULT_BEST[cfg.task]
+        return sampler, loader
+
+    def _train_step(
+        self,
+        model: nn.Module,
+        wrapped: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batch: dict[str, torch.Tensor],
+        aug_gen: torch.Generator,
+        run: _RunState,
+    ) -> tuple[float, float]:
+        """One optimiser step on ``batch`` (augmented); advances ``run``; returns ``(loss, lr)``.
+
+        Raises:
+            FloatingPointError: a non-finite loss.
+            MemoryError: out of memory on the device.
+        """
+        cfg = self.config
+        timed = cfg.max_minutes is not None
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        if cfg.augment:
+            x, y = augment_batch(x, y, aug_gen, cfg.flip_axes)
+        lr = lr_at(run.step, cfg, run.progress if timed else None)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
         amp = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if cfg.amp and self.device.type == "cuda"
             else nullcontext()
         )
-        metrics: dict[str, float] = dict(record.get("best_metrics") or {})
-        hook = getattr(model, "on_train_step", None)
-        last_path: Path | None = None
+        try:
+            with amp:
+                loss = wrapped(x, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {run.step + 1}; lower the learning rate (--lr)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            raise MemoryError(
+                f"out of memory on {self.device} at step {run.step + 1} with batch size {cfg.batch_size}; "
+                "lower the batch size (--batch-size) or train on the CPU (--device cpu)"
+            ) from None
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        run.step += 1
+        if self.ema is not None:
+            self.ema.update(model, step=run.step)
+        run.progress = run_progress(run.step, time.monotonic() - run.clock0, cfg)
+        if timed and self.world_size > 1:  # every rank stops at the same step
+            run.progress = dist_utils.broadcast_float(run.progress, self.device)
+        hook = getattr(model, "on_train_step", None)  # an optional model hook (not a model fact)
+        if callable(hook):  # models' schedules: a step count on the run's progress
+            hook(round(run.progress * cfg.max_steps) if timed else run.step, cfg.max_steps)
+        return loss.item(), lr
 
-        # wall-clock of this run, sessions before a resume included (all ranks follow rank 0's clock)
-        clock0 = time.monotonic() - float(record.get("elapsed_s") or 0.0)
-        timed = cfg.max_minutes is not None
-        progress = run_progress(step, time.monotonic() - clock0, cfg)
-
-        while step < cfg.max_steps and progress < 1.0:
-            epoch = step // per_epoch
-            sampler.set_epoch(epoch)
-            sampler.start = (step % per_epoch) * cfg.batch_size
-            self.train_set.set_epoch(epoch)
-            for batch in loader:
-                x = batch["image"].to(self.device, non_blocking=True)
-                y = batch["label"].to(self.device, non_blocking=True)
-                if cfg.augment:
-                    x, y = augment_batch(x, y, aug_gen, cfg.flip_axes)
-                lr = lr_at(step, cfg, progress if timed else None)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                model.train()
-                try:
-                    with amp:
-                        loss = wrapped(x, y)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"loss is {loss.item()} at step {step + 1}; lower the learning rate (--lr)"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                except torch.OutOfMemoryError:
-                    raise MemoryError(
-                        f"out of memory on {self.device} at step {step + 1} with batch size {cfg.batch_size}; "
-                        "lower the batch size (--batch-size) or train on the CPU (--device cpu)"
-                    ) from None
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                step += 1
-                if self.ema is not None:
-                    self.ema.update(model, step=step)
-                progress = run_progress(step, time.monotonic() - clock0, cfg)
-                if timed and self.world_size > 1:  # every rank stops at the same step
-                    progress = dist_utils.broadcast_float(progress, self.device)
-                if callable(hook):  # models' schedules: a step count on the run's progress
-                    hook(round(progress * cfg.max_steps) if timed else step, cfg.max_steps)
-                yield {
-                    "event": "step",
-                    "step": step,
-                    "total_steps": cfg.max_steps,
-                    "loss": loss.item(),
-                    "lr": lr,
-                }
-                finished = step >= cfg.max_steps or progress >= 1.0
-                if step % cfg.val_every == 0 or finished:
-                    if self.rank == 0:
-                        metrics = self.validate(loss_module)
-                        yield {"event": "val", "step": step, "metrics": metrics}
-                        self.folder.log({"event": "val", "step": step, "metrics": metrics})
-                        value = metrics.get(best_metric, float("nan")) if best_metric != "last" else 0.0
-                        no_val = self.val_set is None  # nothing to compare on: the latest is the best
-                        is_best = (
-                            no_val
-                            or best_metric == "last"
-                            or _is_better(value, record["best_value"], best_metric)
-                        )
-                        if is_best:
-                            record.update(best_value=value, best_step=step, best_metrics=metrics)
-                        rng = {"torch": torch.get_rng_state(), "augment0": aug_gen.get_state()}
-                        if self.device.type == "cuda":
-                            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-                        extra = self._extra(metrics)
-                        record["elapsed_s"] = round(time.monotonic() - clock0, 3)
-                        ema = None if self.ema is None else self.ema.module
-                        last_path = self.folder.save_last(model, optimizer, step, extra, record, rng, ema)
-                        yield {"event": "checkpoint", "step": step, "path": str(last_path), "best": False}
-                        if is_best:
-                            best = self.folder.save_best(self.eval_model, extra)
-                            yield {"event": "checkpoint", "step": step, "path": str(best), "best": True}
-                    dist_utils.barrier()
-                if finished:
-                    break
-        if last_path is None and last is not None:
-            last_path = self.folder.dir / last["weights"]
-        best_path = self.folder.best_path
-        yield {
-            "event": "done",
-            "step": step,
-            "best_path": str(best_path) if best_path.is_file() else None,
-            "last_path": None if last_path is None else str(last_path),
-            "metrics": record.get("best_metrics") or metrics,
-        }
+    def _validate_and_save(
+        self,
+        model: nn.Module,
+        loss_module: LossModule,
+        optimizer: torch.optim.Optimizer,
+        aug_gen: torch.Generator,
+        run: _RunState,
+    ) -> Iterator[dict[str, Any]]:
+        """Validate (rank 0), keep the best, write ``last`` and, when it is the best, ``best.safetensors``."""
+        cfg = self.config
+        best_metric = cfg.best_metric or DEFAULT_BEST[cfg.task]
+        metrics = run.metrics = self.validate(loss_module)
+        yield {"event": "val", "step": run.step, "metrics": metrics}
+        self.folder.log({"event": "val", "step": run.step, "metrics": metrics})
+        value = metrics.get(best_metric, float("nan")) if best_metric != "last" else 0.0
+        no_val = self.val_set is None  # nothing to compare on: the latest is the best
+        is_best = no_val or best_metric == "last" or _is_better(value, run.record["best_value"], best_metric)
+        if is_best:
+            run.record.update(best_value=value, best_step=run.step, best_metrics=metrics)
+        rng = {"torch": torch.get_rng_state(), "augment0": aug_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        extra = self._extra(metrics)
+        run.record["elapsed_s"] = round(time.monotonic() - run.clock0, 3)
+        ema = None if self.ema is None else self.ema.module
+        run.last_path = self.folder.save_last(model, optimizer, run.step, extra, run.record, rng, ema)
+        yield {"event": "checkpoint", "step": run.step, "path": str(run.last_path), "best": False}
+        if is_best:
+            best = self.folder.save_best(self.eval_model, extra)
+            yield {"event": "checkpoint", "step": run.step, "path": str(best), "best": True}
 
     @property
     def eval_model(self) -> nn.Module:
@@ -544,7 +625,7 @@ class Trainer:
         loss_module.eval()
         total, n = 0.0, 0
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.config.seed + 12345)
+            torch.manual_seed(self.config.seed + VAL_LOSS_SEED_OFFSET)
             for batch in loader:
                 x, y = batch["image"].to(self.device), batch["label"].to(self.device)
                 total += float(loss_module(x, y)) * len(x)
