@@ -103,7 +103,7 @@ def write_attention(
     """
     import tifffile
 
-    from napari_medssl.models.vit import mass_threshold_masks
+    from napari_medssl.models.attention import mass_threshold_masks
 
     n_heads = int(overlays._vit_of(model).num_heads)
     if head is not None and not 0 <= head < n_heads:

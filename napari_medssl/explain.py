@@ -166,7 +166,7 @@ def attention_rollout(model: nn.Module, x: torch.Tensor, discard_ratio: float = 
 @torch.no_grad()
 def raw_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The last block's [CLS]→patch attention, mean over heads: ``(B, C, Y, X) -> (B, gh, gw)``."""
-    from napari_medssl.models.dino import attention_grid
+    from napari_medssl.models.attention import attention_grid
 
     return attention_grid(model, x)[0].mean(dim=1).float()
 

@@ -5,8 +5,8 @@ and returns :class:`OverlayLayer` records: an array, its kind (``"image"`` or ``
 ``translate`` that put it on the image's grid, and plain style keywords (blending, colormap). The viewer turns
 each record into a napari layer; a notebook can plot the arrays.
 
-- :func:`dino_overlays` — DINO's per-head [CLS] attention (``models.dino.attention_maps``, the same function the
-  DINO-attention CNN feeds on) and the per-head mass-threshold masks (``models.vit.mass_threshold_masks``): one
+- :func:`dino_overlays` — DINO's per-head [CLS] attention (``models.attention.attention_maps``, the same function the
+  DINO-attention CNN feeds on) and the per-head mass-threshold masks (``models.attention.mass_threshold_masks``): one
   layer per kind with a leading head axis (a slider in the viewer), drawn with :data:`ATTENTION_COLORMAP`,
   whose opacity follows the attention so the image stays visible.
 - :func:`msmae_overlays` — MSMAE's attention weight map and its sampled mask / throw / keep pattern.
@@ -336,7 +336,7 @@ def attention_heads(model: Any, plane: Plane, size: int | None = None, device: A
     """
     import torch
 
-    from napari_medssl.models.dino import attention_grid, shape_attention
+    from napari_medssl.models.attention import attention_grid, shape_attention
 
     _check_plane(plane)
     vit = _vit_of(model)
@@ -386,7 +386,7 @@ def dino_overlays(
     """DINO's per-head [CLS] attention and mass-threshold masks for one plane, at the overlay resolution.
 
     Args:
-        model: a ViT-based model (DINO uses its teacher); see ``models.dino.attention_maps``.
+        model: a ViT-based model (DINO uses its teacher); see ``models.attention.attention_maps``.
         plane: the 2D image or slice (:func:`take_plane`).
         threshold: fraction of each head's attention mass its mask keeps, in (0, 1].
         head: show only this head (0-based); ``None`` for all heads, stacked on a leading head axis.
@@ -402,7 +402,7 @@ def dino_overlays(
     Raises:
         ValueError: not a ViT-based model, a head out of range or a bad threshold.
     """
-    from napari_medssl.models.vit import mass_threshold_masks
+    from napari_medssl.models.attention import mass_threshold_masks
 
     _check_plane(plane)
     n_heads = int(_vit_of(model).num_heads)

@@ -20,7 +20,7 @@ from PIL import Image
 from napari_medssl import zoo
 from napari_medssl.engine import readers
 from napari_medssl.inference import resize
-from napari_medssl.models.dino import attention_maps
+from napari_medssl.models.attention import attention_maps
 from napari_medssl.overlays import tissue_lift
 from napari_medssl.transforms import normalize_intensity
 

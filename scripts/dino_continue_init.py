@@ -18,7 +18,7 @@ from pathlib import Path
 
 from napari_medssl import zoo
 from napari_medssl.models import create_model
-from napari_medssl.models.dino import load_dino_checkpoint
+from napari_medssl.models.dino_import import load_dino_checkpoint
 from napari_medssl.models.registry import save_model
 
 

@@ -72,7 +72,7 @@ def test_the_payload_is_live(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_library_loaders_refuse_pickles(evil: dict[str, Path]) -> None:
     from napari_medssl.engine.build import build_model
-    from napari_medssl.models.dino import load_dino_checkpoint
+    from napari_medssl.models.dino_import import load_dino_checkpoint
 
     for key in (".pt", ".pth", ".ckpt", "pickle", ".safetensors"):
         for load in (read_checkpoint, load_model, lambda p: zoo.load(p, device="cpu")):

@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from napari_medssl.models import create_model, dino, load_model, save_model
+from napari_medssl.models.attention import attention_maps
 from napari_medssl.models.dino import (
     DINO,
-    attention_maps,
     dino_loss,
-    load_dino_checkpoint,
     multi_crop,
     random_resized_crops,
 )
+from napari_medssl.models.dino_import import load_dino_checkpoint
 from napari_medssl.models.layers.pos_embed import resize_pos_embed
 from napari_medssl.models.vit import VisionTransformer
 

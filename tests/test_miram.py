@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from napari_medssl.models import create_model, load_model, save_model
-from napari_medssl.models.dino import attention_maps
+from napari_medssl.models.attention import attention_maps
 from napari_medssl.models.layers import ATTENTION_KINDS
 from napari_medssl.models.mae import patchify
 from napari_medssl.models.miram import MIRAM

@@ -8,7 +8,7 @@ import torch
 
 from napari_medssl import overlays as ov
 from napari_medssl.io import read
-from napari_medssl.models.dino import attention_maps
+from napari_medssl.models.attention import attention_maps
 from napari_medssl.models.registry import create_model
 
 

@@ -265,7 +265,7 @@ def test_emfformer_is_cheaper_than_unet():
 
 
 def test_dinocnn_uses_the_overlay_attention_maps_of_a_frozen_backbone(tmp_path):
-    from napari_medssl.models.dino import attention_maps
+    from napari_medssl.models.attention import attention_maps
 
     torch.manual_seed(0)
     dino = create_model("dino_tiny")

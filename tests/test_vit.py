@@ -13,8 +13,9 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from napari_medssl.models import create_model, list_models
+from napari_medssl.models.attention import mass_threshold_masks
 from napari_medssl.models.layers.pos_embed import resize_pos_embed, sincos_2d
-from napari_medssl.models.vit import VisionTransformer, mass_threshold_masks
+from napari_medssl.models.vit import VisionTransformer
 
 FAMILIES = ("vit", "mae", "msmae")
 # Shrinks paper-sized builders so every registered model runs forward/backward in a fraction of a second.

@@ -11,33 +11,27 @@ The crops are made on the device, inside :meth:`DINO.pretrain_loss`, from the ba
 the engine stays generic: random resized crops, flips and an intensity jitter suited to gray medical images
 (contrast, brightness, gamma, Gaussian blur and noise; no colour jitter, no solarisation).
 
-Also here: :func:`attention_maps`, the one function that turns a ViT's last-block [CLS] attention into
-per-head maps (the DINO-attention CNN and the viewer's overlays both call it), and
-:func:`load_dino_checkpoint`, which loads official DINO weights from a file (safetensors, or a torch file read
-with ``weights_only=True``: a pickle holding code is refused).
+Elsewhere: the attention maps every ViT overlay uses (:mod:`napari_medssl.models.attention`) and the importer
+of official DINO checkpoints (:mod:`napari_medssl.models.dino_import`).
 
 Axis legend: B batch, C channels, Y X space, N tokens, E embedding, H heads, K head outputs.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import pickle
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models import adapt_input_conv
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+# the attention maps live in models.attention; re-exported here, their old place
+from napari_medssl.models.attention import attention_grid, attention_maps, shape_attention  # noqa: F401
 from napari_medssl.models.layers.patch_embed import to_2tuple
-from napari_medssl.models.layers.pos_embed import resize_pos_embed
 from napari_medssl.models.registry import register_model
 from napari_medssl.models.vit import VisionTransformer
 
@@ -48,7 +42,6 @@ __all__ = [
     "dino_loss",
     "dino_small",
     "dino_tiny",
-    "load_dino_checkpoint",
     "multi_crop",
 ]
 
@@ -512,218 +505,7 @@ class DINO(nn.Module):
         )
 
 
-# -- attention maps -----------------------------------------------------------------------------------------
-@torch.no_grad()
-def attention_maps(
-    model: nn.Module, x: torch.Tensor, upsample: bool = True, normalize: bool = True
-) -> torch.Tensor:
-    """Per-head [CLS]→patch attention of a ViT's last block, as images.
-
-    The one code path for attention maps: the DINO-attention CNN's second input and the viewer's overlays.
-
-    Args:
-        model: a :class:`DINO` (its ``backbone``, the teacher, is used), any model with a ViT ``backbone``, or a
-            bare :class:`~napari_medssl.models.vit.VisionTransformer`. A model with an ``encoder_view`` method
-            (MIRAM: its encoder sees a down-sampled view) is given that view of ``x``.
-        x: ``(B, C, Y, X)`` images (any size; the ViT pads to patch multiples).
-        upsample: repeat each patch value over the input pixels it covers (``p × p``, nearest, as DINO's script
-            does) and crop to ``(Y, X)``; otherwise return the patch grid ``(gh, gw)``.
-        normalize: min-max normalise each head's map to [0, 1] (the default: comparable across heads and image
-            sizes). ``False`` returns the raw softmax weights (a head's map sums to slightly below 1, since the
-            [CLS]→[CLS] weight is dropped); pass these to ``mass_threshold_masks``.
-
-    Returns:
-        ``(B, H, Y, X)`` (or ``(B, H, gh, gw)``) float32 maps, computed in eval mode at O(N) cost.
-    """
-    attn, pixels = attention_grid(model, x)
-    return shape_attention(attn, pixels, tuple(x.shape[-2:]), upsample, normalize)
-
-
-def attention_grid(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The raw per-head [CLS] attention on the patch grid, ``(B, H, gh, gw)`` softmax weights, and how many
-    input pixels one patch covers along each side (one forward pass; see :func:`attention_maps`)."""
-    vit = getattr(model, "backbone", model)
-    if not hasattr(vit, "cls_attention"):
-        raise ValueError(
-            f"attention_maps needs a VisionTransformer or a model with a ViT `backbone`, got {type(model).__name__}"
-        )
-    view = getattr(model, "encoder_view", None)
-    seen = view(x) if callable(view) else x
-    was_training = vit.training
-    vit.eval()
-    try:
-        attn = vit.cls_attention(seen).float()  # (B, H, gh, gw)
-    finally:
-        vit.train(was_training)
-    return attn, vit.patch_size * max(1, round(x.shape[-1] / seen.shape[-1]))
-
-
-def shape_attention(
-    attn: torch.Tensor, pixels: int, size: tuple[int, int], upsample: bool = True, normalize: bool = True
-) -> torch.Tensor:
-    """:func:`attention_grid`'s output as :func:`attention_maps` returns it: min-max normalised per head and/or
-    repeated over the ``pixels × pixels`` each patch covers, cropped to ``size`` ``(Y, X)``."""
-    if normalize:
-        lo = attn.amin(dim=(-2, -1), keepdim=True)
-        hi = attn.amax(dim=(-2, -1), keepdim=True)
-        attn = (attn - lo) / (hi - lo).clamp_min(1e-12)
-    if upsample:
-        attn = attn.repeat_interleave(pixels, dim=-2).repeat_interleave(pixels, dim=-1)
-        attn = attn[..., : size[0], : size[1]]
-    return attn
-
-
-# -- official checkpoints -----------------------------------------------------------------------------------
-_PREFIXES = ("module.", "backbone.", "_orig_mod.")
-_NESTED = ("teacher", "student", "state_dict", "model")
-
-
-def _read_state_file(path: Path) -> dict[str, Any]:
-    """Tensors from a safetensors file, or a torch file read with ``weights_only=True`` (no code runs)."""
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:  # noqa: BLE001 - any failure means the file is not usable safetensors
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: refused: the file holds pickled objects other than tensors and plain containers, and "
-            f"unpickling them could run code ({str(err).splitlines()[-1] if str(err) else err}). "
-            "Accepted: .safetensors files, or torch files of tensors/dicts that load with weights_only=True."
-        ) from None
-    except Exception as err:  # noqa: BLE001 - RuntimeError, EOFError, OSError; SafetensorError for *.safetensors
-        raise ValueError(f"{path}: not a safetensors or torch checkpoint ({err})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
-    return obj
-
-
-def _select_state(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    """Pick the teacher's weights (else the student's, ``state_dict``, ``model``) and flatten them."""
-    for key in _NESTED:
-        if isinstance(obj.get(key), dict):
-            return {k: v for k, v in obj[key].items() if isinstance(v, torch.Tensor)}, key
-    for key in _NESTED:  # flat files (safetensors) with "teacher.…" keys
-        sub = {k[len(key) + 1 :]: v for k, v in obj.items() if k.startswith(key + ".")}
-        if sub:
-            return sub, key
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, "root"
-
-
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
-
-
-def _adapt_input_channels(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
-    """timm's ``adapt_input_conv`` for a patch-embedding weight of any input channel count (RGB checkpoints
-    work with every timm 1.x; other counts need the ``base_chans`` argument of newer timm)."""
-    if weight.shape[1] == 3:
-        return adapt_input_conv(in_chans, weight)
-    try:
-        return adapt_input_conv(in_chans, weight, base_chans=weight.shape[1])
-    except TypeError:
-        raise ValueError(
-            f"adapting a {weight.shape[1]}-channel checkpoint to {in_chans} channels needs a newer timm "
-            "(adapt_input_conv with base_chans): pip install -U timm"
-        ) from None
-
-
-def _adapt_pos_embed(pos: torch.Tensor, vit: VisionTransformer) -> torch.Tensor:
-    """Checkpoint position table ``(1, [1 +] n², E)`` -> ours ``(1, 1 + gh·gw, E)``."""
-    n = pos.shape[1]
-    side = math.isqrt(n - 1)
-    if side * side == n - 1:
-        cls, patches = pos[:, :1], pos[:, 1:]
-    elif math.isqrt(n) ** 2 == n:
-        side, cls, patches = math.isqrt(n), pos.new_zeros(1, 1, pos.shape[-1]), pos
-    else:
-        raise ValueError(f"pos_embed of shape {tuple(pos.shape)} is not a square patch grid (+ [CLS])")
-    patches = resize_pos_embed(patches, (side, side), vit.base_grid)
-    return torch.cat([cls, patches], dim=1)
-
-
-def load_dino_checkpoint(path: str | os.PathLike, model: nn.Module) -> dict[str, list[str]]:
-    """Load official DINO ViT weights from a file into our ViT (or into both ViTs of a :class:`DINO`).
-
-    Handles the layouts DINO publishes and produces: a bare backbone state dict
-    (``dino_deitsmall16_pretrain.pth``), full training checkpoints ``{"teacher": …, "student": …, "args": …}``
-    (teacher preferred), ``module.`` / ``backbone.`` prefixes, and flat safetensors files. Projection/classifier
-    ``head.*`` keys are dropped; ``pos_embed`` is resized to our patch grid; a 3-channel ``patch_embed`` is
-    adapted to our ``in_chans`` (summed over RGB for 1 channel).
-
-    Args:
-        path: ``.safetensors`` or torch file. Torch files are read with ``weights_only=True``: a pickle holding
-            anything but tensors and plain containers is refused (``argparse.Namespace`` args are allowed).
-        model: a :class:`~napari_medssl.models.vit.VisionTransformer` or a :class:`DINO`.
-
-    Returns:
-        ``{"loaded": [...], "dropped": [...], "adapted": [...]}`` key names, for the caller to report.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: refused pickle, unreadable file, or weights that do not fit (names the mismatch).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DINO checkpoint not found: {path}")
-    if isinstance(model, DINO):
-        targets = [model.teacher] + ([model.student] if model.task == "pretrain" else [])
-    elif isinstance(model, VisionTransformer):
-        targets = [model]
-    else:
-        raise ValueError(
-            f"load_dino_checkpoint loads into a VisionTransformer or DINO, got {type(model).__name__}"
-        )
-    state, _ = _select_state(_read_state_file(path))
-    state = {_strip(k): v for k, v in state.items()}
-    vit = targets[0]
-    ours = vit.state_dict()
-    kept: dict[str, torch.Tensor] = {}
-    dropped, adapted = [], []
-    for key, value in state.items():
-        if key not in ours or key.startswith("head."):
-            dropped.append(key)
-            continue
-        if key == "pos_embed" and value.shape != ours[key].shape:
-            value = _adapt_pos_embed(value, vit)
-            adapted.append(key)
-        elif key == "patch_embed.proj.weight" and value.shape != ours[key].shape:
-            if value.shape[-2:] != ours[key].shape[-2:]:
-                raise ValueError(
-                    f"{path}: checkpoint patch size {tuple(value.shape[-2:])} differs from the model's "
-                    f"{tuple(ours[key].shape[-2:])}; build the model with patch_size={value.shape[-1]}"
-                )
-            value = _adapt_input_channels(vit.in_chans, value.float())
-            adapted.append(key)
-        if value.shape != ours[key].shape:
-            raise ValueError(
-                f"{path}: {key} has shape {tuple(value.shape)} in the checkpoint but {tuple(ours[key].shape)} in "
-                f"the model (embed_dim={vit.embed_dim}, depth={vit.depth}); build a matching size, e.g. dino_small"
-            )
-        kept[key] = value.to(ours[key].dtype)
-    missing = sorted(k for k in ours if k not in kept and not k.startswith("head."))
-    if missing:
-        raise ValueError(
-            f"{path}: the checkpoint lacks {len(missing)} backbone weights, e.g. {missing[:4]}; is it a ViT of "
-            f"depth {vit.depth}? (found {len(state)} keys, e.g. {sorted(state)[:4]})"
-        )
-    for target in targets:
-        target.load_state_dict(kept, strict=False)
-    return {"loaded": sorted(kept), "dropped": sorted(dropped), "adapted": adapted}
-
+# -- attention maps (napari_medssl.models.attention, re-exported for callers of the old place) ---------------
 
 # -- registered sizes ---------------------------------------------------------------------------------------
 _TINY = dict(

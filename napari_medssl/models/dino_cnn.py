@@ -3,7 +3,7 @@
 Two convolutional encoders run side by side: one on the image, one on the per-head [CLS] attention maps of a
 frozen DINO ViT stacked as channels (``H`` heads → ``H`` channels). At every level their features are
 concatenated and fused by a ``1×1`` conv; the fused maps are the skips of a U-Net-style decoder. The maps come
-from :func:`napari_medssl.models.dino.attention_maps`, the same function the viewer's overlay calls, so what
+from :func:`napari_medssl.models.attention.attention_maps`, the same function the viewer's overlay calls, so what
 the user looks at is exactly this model's second input.
 
 The DINO backbone (the teacher ViT of ``create_model(dino_model)``, or of a checkpoint given as
@@ -53,7 +53,7 @@ def build_dino_backbone(
         FileNotFoundError: ``dino_checkpoint`` does not exist.
         ValueError: the checkpoint is not a DINO/ViT model.
     """
-    from napari_medssl.models.dino import load_dino_checkpoint
+    from napari_medssl.models.dino_import import load_dino_checkpoint
     from napari_medssl.models.registry import load_model
 
     model = None
@@ -179,7 +179,7 @@ class DinoCNN(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, Y, X)`` → the backbone's per-head maps ``(B, H, Y, X)`` in [0, 1] (no gradient)."""
-        from napari_medssl.models.dino import attention_maps
+        from napari_medssl.models.attention import attention_maps
 
         maps = attention_maps(self.dino, self.dino_input(x), upsample=True)  # (B, H, y, x) at the DINO size
         if tuple(maps.shape[-2:]) != tuple(x.shape[-2:]):

@@ -11,8 +11,8 @@ back to ``[:Y, :X]``). ``model.input_size`` is the size the model was built and 
 
 Attention maps: :meth:`VisionTransformer.cls_attention` returns the last block's [CLS]→patch attention per head
 at O(N) cost: every other block keeps PyTorch's fused kernel, and in the last block only the [CLS] query row
-``softmax(q_cls · Kᵀ / √d)`` is formed, never the N×N matrix. :func:`mass_threshold_masks` turns those maps
-into DINO's per-head masks.
+``softmax(q_cls · Kᵀ / √d)`` is formed, never the N×N matrix. :func:`napari_medssl.models.attention.mass_threshold_masks`
+turns those maps into DINO's per-head masks.
 
 Axis legend: B batch, C channels, Y X space, N tokens, E embedding, H heads, K classes.
 """
@@ -26,6 +26,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from napari_medssl.models.attention import mass_threshold_masks  # noqa: F401 (re-exported: its old place)
 from napari_medssl.models.layers.patch_embed import PatchEmbed, to_2tuple
 from napari_medssl.models.layers.pos_embed import resize_pos_embed, sincos_2d
 from napari_medssl.models.registry import register_model
@@ -184,31 +185,6 @@ def last_block_cls_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Te
     k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, H, 1 + N, d)
     logits = (q_cls.float() * attn.scale) @ k.float().transpose(-2, -1)  # (B, H, 1, 1 + N)
     return logits.softmax(dim=-1)[:, :, 0, 1:]  # (B, H, N)
-
-
-def mass_threshold_masks(attn: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
-    """DINO's masks: per head, the smallest set of patches holding ``threshold`` of the attention mass.
-
-    Args:
-        attn: ``(B, H, gh, gw)`` non-negative maps (e.g. from :meth:`VisionTransformer.cls_attention`);
-            each head is normalised to sum 1 first.
-        threshold: fraction of the mass to keep, in (0, 1].
-
-    Returns:
-        ``(B, H, gh, gw)`` bool, True on the kept patches. A patch is kept when the mass of the patches
-        ranked strictly above it is below ``threshold``.
-    """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    if attn.ndim != 4:
-        raise ValueError(f"expected attention maps (B, H, gh, gw), got shape {tuple(attn.shape)}")
-    flat = attn.flatten(2).float()  # (B, H, N)
-    flat = flat / flat.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
-    vals, order = flat.sort(dim=-1, descending=True)
-    before = vals.cumsum(dim=-1) - vals  # mass ranked strictly above each patch
-    keep_sorted = before < threshold
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    return keep.reshape(attn.shape)
 
 
 def init_vit_weights(model: nn.Module) -> None:
