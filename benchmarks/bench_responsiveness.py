@@ -74,7 +74,7 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
     from napari.qt.threading import thread_worker
 
     from napari_medssl._widgets import FinetuneWidget, ModelWidget
-    from napari_medssl.finetune_process import UNLABELLED, finetune_events, segmentation_samples
+    from napari_medssl.annotation_samples import UNLABELLED, finetune_events, segmentation_samples
     from napari_medssl.models.registry import create_model, save_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_resp_"))
@@ -149,7 +149,7 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
         from napari_medssl.finetune_process import TrainingProcess
 
         proc = TrainingProcess(
-            "napari_medssl.finetune_process:finetune_events",
+            "napari_medssl.annotation_samples:finetune_events",
             dict(
                 images=s["images"],
                 labels=s["labels"],

@@ -272,12 +272,12 @@ def crashed_autosaves(folder: Path) -> list[Any]:
 
 
 # -- start/stop fine-tuning in the viewer's training process -----------------------------------------------------
-FINETUNE_TARGET = "napari_medssl.finetune_process:finetune_events"
+FINETUNE_TARGET = "napari_medssl.annotation_samples:finetune_events"
 
 
 def finetune_kwargs(image: np.ndarray, labels: np.ndarray, out_dir: Path) -> dict[str, Any]:
     """What the Fine-tune dock sends its training process: painted slices of a real volume, a tiny U-Net."""
-    from napari_medssl.finetune_process import segmentation_samples
+    from napari_medssl.annotation_samples import segmentation_samples
 
     painted_labels = np.zeros_like(labels)
     for z in range(8, 14):

@@ -14,12 +14,8 @@ import numpy as np
 import pytest
 
 from napari_medssl import autosave
-from napari_medssl.finetune_process import (
-    UNLABELLED,
-    TrainingProcess,
-    classification_samples,
-    segmentation_samples,
-)
+from napari_medssl.annotation_samples import UNLABELLED, classification_samples, segmentation_samples
+from napari_medssl.finetune_process import TrainingProcess
 from napari_medssl.io import read
 
 HERE = Path(__file__).resolve().parent
@@ -108,7 +104,7 @@ def test_real_finetune_relays_events_and_stops_within_2s(hippo, tmp_path):
         model_overrides={"levels": 2},
     )
     proc = TrainingProcess(
-        "napari_medssl.finetune_process:finetune_events",
+        "napari_medssl.annotation_samples:finetune_events",
         dict(images=s["images"], labels=s["labels"], config=config, ids=s["ids"], validate_on_train=True),
     ).start()
     steps = []
@@ -144,7 +140,7 @@ def test_errors_in_the_child_arrive_as_events(tmp_path):
     img = np.zeros((16, 16), np.float32)
     lab = np.zeros((16, 16), np.int64)
     proc = TrainingProcess(
-        "napari_medssl.finetune_process:finetune_events", dict(images=[img], labels=[lab], config=config)
+        "napari_medssl.annotation_samples:finetune_events", dict(images=[img], labels=[lab], config=config)
     ).start()
     events = list(proc.events())
     assert events[-1]["event"] == "error"

@@ -39,15 +39,11 @@ from napari_medssl import autosave
 from napari_medssl._widgets._common import LayerCombo, is_overlay, is_prediction, report_error
 from napari_medssl._widgets._plot import TrainingMonitor
 from napari_medssl._widgets._session import get_session
-from napari_medssl.finetune_process import (
-    TrainingProcess,
-    classification_samples,
-    new_run_dir,
-    segmentation_samples,
-)
+from napari_medssl.annotation_samples import classification_samples, segmentation_samples
+from napari_medssl.finetune_process import TrainingProcess, new_run_dir
 from napari_medssl.io.layers import affine_from_layer
 
-TARGET = "napari_medssl.finetune_process:finetune_events"
+TARGET = "napari_medssl.annotation_samples:finetune_events"
 ADAPT_TARGET = "napari_medssl.engine.adapt:adapt_events"  # painted labels on a volume: fast 2.5D adaptation
 VAL_METRICS = ("mean_dice", "auc", "accuracy", "val_loss")
 MIN_HELD_OUT = 4  # fewer annotated cases than this: validate on the annotations themselves
@@ -408,19 +404,21 @@ class FinetuneWidget(QWidget):
 
         if source is None:
             return None
+        from napari_medssl.resolve import describe
+
         try:
-            facts = model_facts(source)
+            spec = describe(source)  # the model's facts from its metadata (no weights loaded)
             painted = np.asarray(self.ann_combo.layer().data)
             top = int(painted.max()) - 1
         except Exception:
             return None
-        if facts["ensemble"]:
+        if spec.is_ensemble:
             return False  # the ensemble's own message (fine-tune a member) stays
         chosen, _ = adapt.choose_start(source, top + 1)
         if chosen == source:
             return source
         fits, _ = self._fits_image(source)
-        return False if fits and facts["task"] == "segment" and top < facts["num_classes"] else None
+        return False if fits and spec.task == "segment" and top < spec.num_classes else None
 
     def _fits_image(self, source: str) -> tuple[bool, str]:
         """Whether the model's card domain fits the chosen image (True when nothing is recorded)."""
