@@ -27,11 +27,10 @@ KEEP = 20
 
 
 def autosave_dir() -> Path:
-    """The autosave folder (``$MEDSSL_AUTOSAVE_DIR`` or ``~/.cache/napari-medssl/autosave``), created."""
-    env = os.environ.get("MEDSSL_AUTOSAVE_DIR")
-    folder = Path(env) if env else Path.home() / ".cache" / "napari-medssl" / "autosave"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """The autosave folder (``$MEDSSL_AUTOSAVE_DIR`` or the cache's ``autosave``), created."""
+    from napari_medssl.cache import cache_subdir
+
+    return cache_subdir("autosave", "MEDSSL_AUTOSAVE_DIR")
 
 
 def _safe(name: str) -> str:

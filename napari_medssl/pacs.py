@@ -336,12 +336,9 @@ def push(
 
 def cache_dir() -> Path:
     """Where the PACS dock keeps pulled series: ``$MEDSSL_CACHE_DIR/pacs`` (default pooch's cache folder)."""
-    root = os.environ.get("MEDSSL_CACHE_DIR")
-    if not root:
-        import pooch
+    from napari_medssl import cache
 
-        root = str(pooch.os_cache("napari-medssl"))
-    return Path(root) / "pacs"
+    return cache.cache_dir() / "pacs"
 
 
 def pull_for_viewing(client: Any, row: dict[str, Any], cache: str | os.PathLike | None = None) -> Path:

@@ -143,13 +143,10 @@ def weights_url(name: str, card_url: str | None = None) -> str:
 
 
 def cache_dir() -> Path:
-    """Where fetched weights are kept: ``$MEDSSL_CACHE_DIR``, else pooch's user cache for napari-medssl."""
-    env = os.environ.get("MEDSSL_CACHE_DIR")
-    if env:
-        return Path(env)
-    import pooch
+    """Where fetched weights are kept: the package's one cache folder (:func:`napari_medssl.cache.cache_dir`)."""
+    from napari_medssl import cache
 
-    return Path(pooch.os_cache("napari-medssl"))
+    return cache.cache_dir()
 
 
 def weights_path(name: str) -> Path:

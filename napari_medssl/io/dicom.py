@@ -36,6 +36,7 @@ from .volume import (
     MedicalImageReadWarning,
     Volume,
     as_label_array,
+    display_window,
     label_values,
     source_name,
 )
@@ -273,18 +274,22 @@ def _build(members: list[DicomFile], skipped: list[dict[str, str]]) -> list[Volu
         "warnings": notes,
         "slice_thickness": _positive(_get(ds0, "SliceThickness"), 1.0),
     }
-    if is_label:
-        data = as_label_array(data)
-        metadata["label_values"] = [int(v) for v in (values if values is not None else np.unique(data))]
-        window_name, window, presets = "labels", (0.0, float(max(1, data.max()))), {}
-    else:
-        window_name, window, presets = _window_metadata(data, modality, rgb, ds0)
-    metadata["window"] = {"name": window_name, "range": list(window)}
-    metadata["window_presets"] = {k: list(v) for k, v in presets.items()}
+    if is_label and values is None:  # a SEG series whose values are not segmentation-like
+        values = np.unique(as_label_array(data))
+    data, window = display_window(data, values, metadata, lambda d: _window_metadata(d, modality, rgb, ds0))
     fallback_name = f0.path.parent.name if len(members) > 1 else source_name(f0.path)
     name = str(_get(ds0, "SeriesDescription") or _get(ds0, "ProtocolName") or "").strip() or fallback_name
-    vol = Volume(data, spacing, origin, direction, modality, window, name, is_label, metadata)
-    vol.metadata.update(vol.geometry_metadata())
+    vol = Volume(
+        data=data,
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        modality=modality,
+        window=window,
+        name=name,
+        is_label=is_label,
+        metadata=metadata,
+    )
     return [vol]
 
 

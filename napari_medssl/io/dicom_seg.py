@@ -447,16 +447,16 @@ def read_seg(path: str | os.PathLike, source: Any = None) -> Volume:
     }
     name = str(ds.get("SeriesDescription", "") or path.stem)
     return Volume(
-        data,
-        src.spacing,
-        src.origin,
-        src.direction,
-        "SEG",
-        (0.0, float(max(1, data.max()))),
-        name,
-        True,
-        metadata,
-        src.affine,
+        data=data,
+        spacing=src.spacing,
+        origin=src.origin,
+        direction=src.direction,
+        modality="SEG",
+        window=(0.0, float(max(1, data.max()))),
+        name=name,
+        is_label=True,
+        metadata=metadata,
+        affine=src.affine,
     )
 
 

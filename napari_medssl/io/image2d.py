@@ -20,6 +20,7 @@ from .volume import (
     Volume,
     as_label_array,
     check_allocation,
+    display_window,
     label_values,
     source_name,
 )
@@ -127,30 +128,26 @@ def read_image(
         "warnings": [] if spacing else ["pixel spacing unknown: 1 (pixel units)"],
         "spacing_known": bool(spacing),
     }
-    if values is not None:
-        data = as_label_array(data)
-        metadata["label_values"] = [int(v) for v in values]
-        window_name, window, presets = "labels", (0.0, float(max(1, data.max()))), {}
-    elif rgb and data.dtype == np.uint8:
-        window_name, window, presets = "full_range", (0.0, 255.0), {"full_range": (0.0, 255.0)}
-    else:
-        presets = window_presets(data if not rgb else data.mean(axis=-1), modality)
-        window_name, window = next(iter(presets.items()))
-    metadata["window"] = {"name": window_name, "range": list(window)}
-    metadata["window_presets"] = {k: list(v) for k, v in presets.items()}
-    vol = Volume(
-        data,
-        vol_spacing,
-        np.zeros(3),
-        np.eye(3),
-        modality,
-        window,
-        source_name(path),
-        values is not None,
-        metadata,
+    data, window = display_window(data, values, metadata, lambda d: _image_window(d, rgb, modality))
+    return Volume(
+        data=data,
+        spacing=vol_spacing,
+        modality=modality,
+        window=window,
+        name=source_name(path),
+        is_label=values is not None,
+        metadata=metadata,
     )
-    vol.metadata.update(vol.geometry_metadata())
-    return vol
+
+
+def _image_window(
+    data: np.ndarray, rgb: bool, modality: str
+) -> tuple[str, tuple[float, float], dict[str, tuple[float, float]]]:
+    """8-bit colour: its full range; otherwise the first window preset (of the gray mean for colour)."""
+    if rgb and data.dtype == np.uint8:
+        return "full_range", (0.0, 255.0), {"full_range": (0.0, 255.0)}
+    presets = window_presets(data if not rgb else data.mean(axis=-1), modality)
+    return (*next(iter(presets.items())), presets)
 
 
 def write_image_labels(path: str | os.PathLike, data: np.ndarray) -> str:

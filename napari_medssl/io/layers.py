@@ -109,14 +109,14 @@ def volume_from_layer(
     spacing = tuple(float(s) for s in spacing_cols[3 - len(spatial_shape) :])
     window = tuple(metadata.get("window", {}).get("range", (0.0, 1.0)))
     return Volume(
-        np.asarray(data),
-        spacing,
-        affine[:3, 3],
-        direction,
-        str(metadata.get("modality", "OT")),
-        (float(window[0]), float(window[1])),
-        str(metadata.get("name", name)),
-        is_label,
-        metadata,
-        affine,
+        data=np.asarray(data),
+        spacing=spacing,
+        origin=affine[:3, 3],
+        direction=direction,
+        modality=str(metadata.get("modality", "OT")),
+        window=(float(window[0]), float(window[1])),
+        name=str(metadata.get("name", name)),
+        is_label=is_label,
+        metadata=metadata,
+        affine=affine,
     )

@@ -35,8 +35,8 @@ from .volume import (
     MedicalImageReadWarning,
     MedicalImageWriteError,
     Volume,
-    as_label_array,
     check_allocation,
+    display_window,
     geometry_from_affine,
     label_values,
     source_name,
@@ -233,29 +233,27 @@ def read_nifti(
         "rgb": False,
         "slice_thickness": float(spacing_zyx[0]),
     }
-    if values is not None:
-        data = as_label_array(data)
-        metadata["label_values"] = [int(v) for v in values]
-        window_name, window, presets = "labels", (0.0, float(max(1, data.max()))), {}
-    else:
-        presets = window_presets(data, modality)
-        window_name, window = next(iter(presets.items()))
-    metadata["window"] = {"name": window_name, "range": list(window)}
-    metadata["window_presets"] = {k: list(v) for k, v in presets.items()}
-    vol = Volume(
-        data,
-        spacing,
-        origin,
-        direction,
-        modality,
-        window,
-        source_name(path),
-        values is not None,
-        metadata,
-        affine,
+    data, window = display_window(data, values, metadata, lambda d: _first_preset(d, modality))
+    return Volume(
+        data=data,
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        modality=modality,
+        window=window,
+        name=source_name(path),
+        is_label=values is not None,
+        metadata=metadata,
+        affine=affine,
     )
-    vol.metadata.update(vol.geometry_metadata())
-    return vol
+
+
+def _first_preset(
+    data: np.ndarray, modality: str
+) -> tuple[str, tuple[float, float], dict[str, tuple[float, float]]]:
+    """The image's window presets, the first of them chosen."""
+    presets = window_presets(data, modality)
+    return (*next(iter(presets.items())), presets)
 
 
 def _storage_dtype(data: np.ndarray) -> np.ndarray:

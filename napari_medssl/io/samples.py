@@ -15,7 +15,6 @@ Where a sample's files come from, in order:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sysconfig
 import warnings
@@ -23,6 +22,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from napari_medssl._atomic import sha256_file
+from napari_medssl.cache import cache_dir
 
 from .volume import MedicalImageReadWarning, Volume
 
@@ -84,23 +86,9 @@ def list_samples() -> dict[str, str]:
     return {k: v["display_name"] for k, v in load_catalogue()["samples"].items()}
 
 
-def cache_dir() -> Path:
-    """The download cache (``$MEDSSL_CACHE_DIR`` or pooch's per-user cache for napari-medssl)."""
-    env = os.environ.get("MEDSSL_CACHE_DIR")
-    if env:
-        return Path(env)
-    import pooch
-
-    return Path(pooch.os_cache("napari-medssl"))
-
-
 def sha256_of(path: Path) -> str:
-    """``"sha256:<hex>"`` of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    """``"sha256:<hex>"`` of a file (pooch's ``known_hash`` form)."""
+    return f"sha256:{sha256_file(path)}"
 
 
 def _check_hashes(dataset: dict[str, Any], root: Path, paths: list[Path]) -> None:

@@ -17,6 +17,7 @@ Geometry convention (used by every reader and writer in ``napari_medssl.io``):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,7 @@ class Volume:
         if self.affine is None:
             self.affine = affine_from_geometry(self.spacing_zyx, self.direction, self.origin)
         self.affine = np.asarray(self.affine, float).reshape(4, 4)
+        self.metadata.update(self.geometry_metadata())  # the one place geometry is copied into metadata
 
     @property
     def rgb(self) -> bool:
@@ -220,6 +222,32 @@ def label_values(data: np.ndarray) -> np.ndarray | None:
     counts = np.bincount(data.reshape(-1).astype(np.intp), minlength=1)
     values = np.flatnonzero(counts)
     return values if len(values) <= MAX_LABEL_VALUES else None
+
+
+def display_window(
+    data: np.ndarray,
+    values: Any,
+    metadata: dict[str, Any],
+    image_window: Callable[[np.ndarray], tuple[str, tuple[float, float], dict[str, tuple[float, float]]]],
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """A reader's label map or image, and its display window, recorded in ``metadata``.
+
+    With ``values`` (a label map's values, see :func:`label_values`) the data become a label array, its values
+    go to ``metadata["label_values"]`` and the window spans the labels; otherwise ``image_window(data)`` gives
+    ``(name, (lo, hi), presets)``. ``metadata["window"]`` and ``metadata["window_presets"]`` record the choice.
+
+    Returns:
+        ``(data, window)``.
+    """
+    if values is not None:
+        data = as_label_array(data)
+        metadata["label_values"] = [int(v) for v in values]
+        window_name, window, presets = "labels", (0.0, float(max(1, data.max()))), {}
+    else:
+        window_name, window, presets = image_window(data)
+    metadata["window"] = {"name": window_name, "range": list(window)}
+    metadata["window_presets"] = {k: list(v) for k, v in presets.items()}
+    return data, window
 
 
 def as_label_array(data: np.ndarray) -> np.ndarray:
