@@ -61,7 +61,9 @@ def resolve(source: str | os.PathLike, architectures: bool = False) -> Resolved:
     if path.is_dir():
         if (path / BEST).is_file():
             return Resolved(text, path / BEST)
-        raise FileNotFoundError(f"checkpoint not found: {text} is a folder without {BEST} (not a training run)")
+        raise FileNotFoundError(
+            f"checkpoint not found: {text} is a folder without {BEST} (not a training run)"
+        )
     zoo_names = zoo.list_zoo()
     if text in zoo_names:
         return Resolved(text, zoo.weights_path(text), card=zoo.card(text))
@@ -110,10 +112,17 @@ def describe(source: str | os.PathLike) -> Any:
             with torch.device("meta"):  # the architecture's facts without allocating or reading weights
                 skeleton = create_model(name, **config)
         except TypeError as err:  # a config key the builder does not take (a damaged or foreign checkpoint)
-            raise ValueError(f"{found.path}: cannot build {name} from the checkpoint's config: {err}") from None
+            raise ValueError(
+                f"{found.path}: cannot build {name} from the checkpoint's config: {err}"
+            ) from None
         sha = (found.card or {}).get("weights", {}).get("sha256") or sha256_file(found.path)
         attach_spec(
-            skeleton, extra, card=found.card, source=found.source, weights_path=str(found.path), weights_sha256=sha
+            skeleton,
+            extra,
+            card=found.card,
+            source=found.source,
+            weights_path=str(found.path),
+            weights_sha256=sha,
         )
         _DESCRIBED[key] = skeleton.spec
     return _DESCRIBED[key]

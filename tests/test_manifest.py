@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,42 @@ def test_import_loads_neither_torch_nor_qt(module: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"importing {module} loaded {result.stdout.strip()}"
+
+
+QT = ("qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "PySide2", "PySide6", "vispy")
+QT_MODULES = ("_widgets", "_reader", "_writer", "_sample_data", "_launch", "__main__")  # the only ones allowed Qt
+
+
+def core_modules() -> list[str]:
+    """Every module of the package outside the napari adapters (:data:`QT_MODULES`)."""
+    root = Path(napari_medssl.__file__).parent
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] in QT_MODULES:
+            continue
+        names.append(".".join(["napari_medssl", *(p for p in parts if p != "__init__")]))
+    return names
+
+
+def test_core_modules_import_without_qt() -> None:
+    """Each core module, imported in turn in one fresh interpreter, brings in no Qt, napari or magicgui."""
+    modules = core_modules()
+    assert "napari_medssl.engine.loop" in modules and "napari_medssl.models.spec" in modules
+    code = (
+        "import importlib, json, sys\n"
+        f"qt = {QT!r}\n"
+        "bad = {}\n"
+        "for name in json.loads(sys.argv[1]):\n"
+        "    importlib.import_module(name)\n"
+        "    loaded = sorted(m for m in sys.modules if m.split('.')[0] in qt)\n"
+        "    if loaded:\n"
+        "        bad[name] = loaded\n"
+        "        break\n"
+        "print(json.dumps(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(modules)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {}, result.stdout

@@ -1,4 +1,4 @@
-"""Model resolution for training and evaluation: a checkpoint path, a zoo name or a registered name.
+"""Models for training: built from a checkpoint, a run folder, a zoo name or a registered architecture.
 
 ``NAME|CKPT`` arguments resolve as :func:`napari_medssl.resolve.resolve` says: an existing ``.safetensors``
 file, a run folder, a model of the zoo, a registered architecture (``unet_tiny``), built fresh. Fine-tuning from a

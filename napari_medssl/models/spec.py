@@ -117,7 +117,10 @@ class ModelSpec:
 
     def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:  # pickle the read-only mappings as dicts
         state = {f.name: getattr(self, f.name) for f in fields(self)}
-        return (_unpickle, ({k: dict(v) if k in _MAPPINGS and v is not None else v for k, v in state.items()},))
+        return (
+            _unpickle,
+            ({k: dict(v) if k in _MAPPINGS and v is not None else v for k, v in state.items()},),
+        )
 
 
 _MAPPINGS = ("domain", "card", "extra", "train_config")
