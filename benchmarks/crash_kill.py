@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-from helpers_crash import (  # noqa: E402
+from napari_medssl.testing.crash import (  # noqa: E402
     AUTOSAVE_KILL_POINTS,
     KILL_POINTS,
     Child,
@@ -46,7 +45,7 @@ from helpers_crash import (  # noqa: E402
     resources,
     start_stop,
 )
-from helpers_engine import seg_config, small_msd  # noqa: E402
+from napari_medssl.testing.training import seg_config, small_msd  # noqa: E402
 
 HIPPO = "hippocampus/imagesTr/hippocampus_001.nii.gz"
 HIPPO_LABELS = "hippocampus/labelsTr/hippocampus_001.nii.gz"

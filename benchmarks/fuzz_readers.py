@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-from helpers_fuzz import (  # noqa: E402
+from napari_medssl.testing.fuzz import (  # noqa: E402
     MUTATORS,
     ReaderWorker,
     acceptable,

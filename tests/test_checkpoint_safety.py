@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_engine import TINY_UNET
 
 from napari_medssl import zoo
 from napari_medssl.engine.cli import main as medssl
 from napari_medssl.models import create_model, load_model, read_checkpoint, save_model
+from napari_medssl.testing.training import TINY_UNET
 
 pytestmark = pytest.mark.timeout(180)
 

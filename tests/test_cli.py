@@ -11,11 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers_engine import TINY_VIT, one_thread, small_mias, small_msd  # noqa: F401
 
 from napari_medssl.engine.cli import main
 from napari_medssl.engine.metrics import dice_iou_case, segmentation_metrics
 from napari_medssl.models import load_model
+from napari_medssl.testing.training import TINY_VIT, one_thread, small_mias, small_msd  # noqa: F401
 
 MEDSSL = Path(sys.executable).with_name("medssl")
 

@@ -1,7 +1,7 @@
 """Kill -9 during training and during autosave: the last good checkpoint loads, the run resumes where the
 checkpoint says, and autosaved annotations survive the killed process.
 
-Each kill is a real SIGKILL of a separate process (``helpers_crash``): from outside after a delay, or from
+Each kill is a real SIGKILL of a separate process (``napari_medssl.testing.crash``): from outside after a delay, or from
 inside at an injected moment of a checkpoint or autosave write (temporary file complete but not renamed,
 renamed but not committed, half written). ``benchmarks/crash_kill.py`` does the same dozens of times.
 """
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_crash import (
+
+from napari_medssl.io import read_nifti
+from napari_medssl.testing.crash import (
     Child,
     check_run_folder,
     committed_step,
@@ -22,9 +24,7 @@ from helpers_crash import (
     first_step,
     painted,
 )
-from helpers_engine import small_msd
-
-from napari_medssl.io import read_nifti
+from napari_medssl.testing.training import small_msd
 
 pytestmark = pytest.mark.timeout(300)
 

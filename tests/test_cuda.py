@@ -7,16 +7,16 @@ the same code on the CPU.
 
 from __future__ import annotations
 
-import helpers_engine
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers_engine import small_msd
 
 from napari_medssl import inference
 from napari_medssl.engine import read_events, train
 from napari_medssl.models import create_model, dino, load_model
+from napari_medssl.testing import training as helpers_engine
+from napari_medssl.testing.training import small_msd
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 
-import helpers_engine
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_engine import TINY_UNET, TINY_VIT, one_thread, small_mias, small_msd  # noqa: F401
 
 from napari_medssl.engine import TrainConfig, train
 from napari_medssl.engine.augment import IGNORE
 from napari_medssl.engine.loop import distill_loss
 from napari_medssl.models import create_model, load_model, read_checkpoint, save_model
+from napari_medssl.testing import training as helpers_engine
+from napari_medssl.testing.training import TINY_UNET, TINY_VIT, one_thread, small_mias, small_msd  # noqa: F401
 
 
 @pytest.fixture(scope="module")

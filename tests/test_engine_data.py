@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers_engine import one_thread, small_msd  # noqa: F401
 
 from napari_medssl.engine.augment import IGNORE, augment_batch, random_affine, random_flips
 from napari_medssl.engine.data import (
@@ -23,6 +22,7 @@ from napari_medssl.engine.data import (
 )
 from napari_medssl.engine.samples import SampleSet, choose_size, map_labels
 from napari_medssl.engine.split import load_split, make_split, save_split, select, split_for
+from napari_medssl.testing.training import one_thread, small_msd  # noqa: F401
 
 
 def test_msd_folder_reads_zyx_volumes_with_labels(data_dir, tmp_path):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers_engine import TINY_UNET, small_msd
 
 from napari_medssl.models import read_checkpoint
+from napari_medssl.testing.training import TINY_UNET, small_msd
 
 REPO = Path(__file__).resolve().parents[1]
 

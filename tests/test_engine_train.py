@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import os
 
-import helpers_engine
 import numpy as np
 import pytest
 import torch
-from helpers_engine import TINY_MAE, TINY_UNET, TINY_VIT, one_thread, small_mias, small_msd  # noqa: F401
 
 from napari_medssl.engine import ArrayData, MSDFolder, TrainConfig, Trainer, read_events, train
 from napari_medssl.engine.checkpoint import RunFolder
 from napari_medssl.engine.evaluate import evaluate_cases
 from napari_medssl.models import load_model, read_checkpoint
+from napari_medssl.testing import training as helpers_engine
+from napari_medssl.testing.training import TINY_MAE, TINY_UNET, TINY_VIT, one_thread, small_mias, small_msd  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers_engine import small_msd
 
 from napari_medssl import inference, zoo
 from napari_medssl.engine import train
@@ -18,6 +17,7 @@ from napari_medssl.engine.cli import main
 from napari_medssl.engine.evaluate import evaluate
 from napari_medssl.models import create_model, load_model, save_model
 from napari_medssl.models.ensemble import from_checkpoints
+from napari_medssl.testing.training import small_msd
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Seeds are real DICOM (uncompressed MR, a TCIA mask, the JPEG 2000 CT), NIfTI (.nii.gz and .nii) and PNG files
 from ../shared/data; Hypothesis picks the seed, the mutation and its salt (derandomised: the same inputs on
-every run). Every read happens in a watched worker process (``helpers_fuzz.ReaderWorker``): 5 s timeout,
+every run). Every read happens in a watched worker process (``napari_medssl.testing.fuzz.ReaderWorker``): 5 s timeout,
 4 GiB address-space cap, peak resident memory measured per read. The long run (thousands of inputs) is
 ``benchmarks/fuzz_readers.py``.
 """
@@ -12,7 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers_fuzz import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from napari_medssl.testing.fuzz import (
     MUTATORS,
     SEED_FILES,
     SUFFIX,
@@ -23,8 +26,6 @@ from helpers_fuzz import (
     make_input,
     seed_bytes,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(120)
 

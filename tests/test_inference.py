@@ -7,13 +7,13 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers_engine import TINY_UNET, TINY_VIT, one_thread  # noqa: F401
 from torch import nn
 
 from napari_medssl import inference
 from napari_medssl.io import read_nifti
 from napari_medssl.models import create_model
 from napari_medssl.models.spec import attach_spec
+from napari_medssl.testing.training import TINY_UNET, TINY_VIT, one_thread  # noqa: F401
 from napari_medssl.transforms import normalize_intensity
 
 

@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_crash import finetune_kwargs, resources, start_stop
-from helpers_engine import TINY_UNET, one_thread, seg_config, small_msd  # noqa: F401
 
 from napari_medssl import autosave, inference
 from napari_medssl.engine import train
@@ -30,6 +28,8 @@ from napari_medssl.engine.checkpoint import RunFolder
 from napari_medssl.engine.cli import main as medssl
 from napari_medssl.io import read_nifti
 from napari_medssl.models import create_model, load_model, save_model
+from napari_medssl.testing.crash import finetune_kwargs, resources, start_stop
+from napari_medssl.testing.training import TINY_UNET, one_thread, seg_config, small_msd  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -9,12 +9,12 @@ import threading
 import pytest
 import torch
 import yaml
-from helpers_engine import TINY_UNET, one_thread, small_msd  # noqa: F401
 
 from napari_medssl import zoo
 from napari_medssl.engine import TrainConfig, train
 from napari_medssl.engine.build import resolve_checkpoint
 from napari_medssl.models import read_checkpoint
+from napari_medssl.testing.training import TINY_UNET, one_thread, small_msd  # noqa: F401
 
 
 @pytest.fixture(scope="module")

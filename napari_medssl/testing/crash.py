@@ -2,7 +2,7 @@
 
 Shared by ``tests/test_crash_safety.py`` (a few kills) and ``benchmarks/crash_kill.py`` (dozens).
 
-Two child programs run as separate processes (``python -c "import helpers_crash; ..."``):
+Two child programs run as separate processes (``python -c "from napari_medssl.testing import crash; ..."``):
 
 - :func:`train_driver`: ``engine.train`` on a small real MSD folder with a checkpoint after every step, printing
   each event as a JSON line;
@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = Path(__file__).resolve().parents[2]
 
 KILL_POINTS = ("fsync", "after_replace", "torn_tensors", "torn_json")
 """Injected SIGKILL points for training (the n-th such moment of the run)."""
@@ -178,9 +177,9 @@ class Child:
     """A driver process whose stdout lines are collected by a thread (with their arrival times)."""
 
     def __init__(self, program: str, args: dict[str, Any]) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", f"import helpers_crash; helpers_crash.{program}()", json.dumps(args)],
+            [sys.executable, "-c", f"from napari_medssl.testing import crash; crash.{program}()", json.dumps(args)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SEED_FILES = {
     "dicom_mr": "dicom/tcia_btp_PGBM-005_T1post/000000.dcm",
@@ -574,10 +573,10 @@ class ReaderWorker:
             "MEDSSL_FUZZ_AS_LIMIT": str(self.as_limit),
             "OMP_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]),
+            "PYTHONPATH": str(REPO),
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import helpers_fuzz; helpers_fuzz.worker_main()"],
+            [sys.executable, "-c", "from napari_medssl.testing import fuzz; fuzz.worker_main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
