@@ -54,10 +54,10 @@ def patch_pixels(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def _check_classifier(model: nn.Module) -> None:
-    if getattr(model, "task", None) != "classify":
+    if model.spec.task != "classify":
         raise ValueError(
             f"Grad-CAM needs a classifier (task 'classify'); {type(model).__name__} is a "
-            f"{getattr(model, 'task', 'model without a task')!r}"
+            f"{model.spec.task or 'model without a task'!r}"
         )
 
 
