@@ -166,7 +166,7 @@ class ModelWidget(QWidget):
             "Test-time augmentation: average the prediction with those of mirrored copies of the image, along "
             "the axes the model was trained to flip (none: nothing to mirror). One extra pass per mirror. It helps "
             "only where a mirrored image is as natural as the original: on the shipped hippocampus models, whose "
-            "crops share one orientation, it lowers the scores (models/README.md)."
+            "crops share one orientation, it lowers the scores."
         )
         self.run_btn = QPushButton("Run")
         self.cancel_btn = QPushButton("Cancel")
