@@ -130,11 +130,17 @@ class FinetuneWidget(QWidget):
         self._dirty: set[str] = set()
         self._hooked: set[int] = set()
 
+        self._make_controls()
+        self._lay_out()
+        self._connect()
+
+    def _make_controls(self) -> None:
+        """The dock's widgets (and the progress window's)."""
         self.model_label = QLabel()
         self.model_label.setWordWrap(True)
-        self.image_combo = LayerCombo(napari_viewer, Image)
+        self.image_combo = LayerCombo(self.viewer, Image)
         self.ann_combo = LayerCombo(
-            napari_viewer, (Labels, Shapes, Points), exclude=lambda ly: is_overlay(ly) or is_prediction(ly)
+            self.viewer, (Labels, Shapes, Points), exclude=lambda ly: is_overlay(ly) or is_prediction(ly)
         )
         self.new_labels_btn = QPushButton("New labels layer")
         self.help_label = QLabel()
@@ -184,6 +190,8 @@ class FinetuneWidget(QWidget):
         self.autosave_combo = QComboBox()
         self.restore_btn = QPushButton("Restore")
 
+    def _lay_out(self) -> None:
+        """Arrange the widgets: the form, the parameters grid, the buttons, the run's state, autosaves."""
         form = QFormLayout()
         form.addRow("Model", self.model_label)
         form.addRow("Image", self.image_combo)
@@ -223,6 +231,8 @@ class FinetuneWidget(QWidget):
         layout.addLayout(state_row)
         layout.addLayout(restore_row)
 
+    def _connect(self) -> None:
+        """Timers and signals; then show the current model and the autosaves."""
         self.timer = QTimer(self)
         # events queue in between: one coalesced repaint of the progress window a second
         self.timer.setInterval(1000)
@@ -239,7 +249,7 @@ class FinetuneWidget(QWidget):
         self.new_labels_btn.clicked.connect(self.new_labels_layer)
         self.restore_btn.clicked.connect(self.restore_selected)
         self.session.model_changed.connect(self._on_model_changed)
-        napari_viewer.layers.events.inserted.connect(self._hook_layers)
+        self.viewer.layers.events.inserted.connect(self._hook_layers)
         self._hook_layers()
         self._on_model_changed(self.session.model)
         self._close_watcher = _CloseWatcher(self.shutdown)
