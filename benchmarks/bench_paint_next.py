@@ -3,7 +3,7 @@
 Two set-ups, each run side by side in one process (paired: same case, same seed, same training budget):
 
 ``--task hippocampus`` (the existing engine: the Fine-tune dock's own path,
-:func:`napari_medssl.finetune_process.finetune_events` on :func:`~napari_medssl.finetune_process.segmentation_samples`).
+:func:`napari_medssl.annotation_samples.finetune_events` on :func:`~napari_medssl.annotation_samples.segmentation_samples`).
 A user opens a new case (validation volumes of the zoo's split, never trained on) with the shipped 2D U-Net
 ``unet_tiny_hippocampus``, paints ``--add`` whole slices from the ground truth (anterior 2, posterior 3,
 the rest 1) and fine-tunes ``--steps`` steps. ``uncertain`` paints the slices ranked first by
@@ -148,7 +148,7 @@ def hippo_cases(data: Path, n: int, skip: int = 0) -> list[str]:
 
 def finetune_on(image: np.ndarray, painted: np.ndarray, start: str, steps: int, seed: int, out: Path) -> str:
     """Fine-tune ``start`` on the painted slices as the Fine-tune dock does (in this process); the best path."""
-    from napari_medssl.finetune_process import finetune_events, segmentation_samples
+    from napari_medssl.annotation_samples import finetune_events, segmentation_samples
 
     samples = segmentation_samples(image, painted, model_dims=2)
     config = dict(

@@ -3,7 +3,7 @@ fill a real (tmpfs) disk while checkpointing.
 
 1. Training (tiny U-Net on 3 real hippocampus cases, a checkpoint after every step) is SIGKILLed N times: from
    outside after a random delay, or from inside at a random injected moment of a checkpoint write
-   (``tests/helpers_crash.py``: complete temporary file not yet renamed, renamed but not committed, half a
+   (``napari_medssl/testing/crash.py``: complete temporary file not yet renamed, renamed but not committed, half a
    safetensors file, half of ``last.json``). After each kill the last good checkpoint must load (weights,
    optimiser state, best, event log) and the next run must resume at the committed step + 1.
 2. The autosave writer (a real hippocampus label map painted a little more at each version) is SIGKILLed N

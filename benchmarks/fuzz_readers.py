@@ -1,6 +1,6 @@
 """Long fuzzing run of the readers: thousands of mutated real DICOM, NIfTI and PNG files.
 
-Each input is a real file from ../shared/data with one random mutation (see ``tests/helpers_fuzz.py``), read
+Each input is a real file from ../shared/data with one random mutation (see ``napari_medssl/testing/fuzz.py``), read
 through the napari reader adapter in a watched worker process (5 s timeout, 4 GiB address-space cap, peak
 resident memory per read). Prints counts per seed and outcome, the slowest read and the largest memory peak,
 and keeps every failing input (with its mutation and answer as JSON) under ``--keep``.

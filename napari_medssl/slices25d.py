@@ -1,7 +1,7 @@
 """2.5D inputs: each slice of a volume with its neighbours as channels, at a recorded in-plane spacing.
 
 A 2D segmenter trained by :mod:`napari_medssl.engine.adapt` records its input conventions in its checkpoint
-(``checkpoint_extra["input"]``), and :func:`napari_medssl.inference.segment_probabilities` applies them
+(``model.spec.extra["input"]``), and :func:`napari_medssl.inference.segment_probabilities` applies them
 through this module, so ``medssl predict``, the Model dock and training see the same inputs:
 
 - ``context``: slices on each side stacked as channels (``in_chans = 2·context + 1``; edge slices repeat the
@@ -66,7 +66,7 @@ class Conventions:
 
 def conventions(model: Any) -> Conventions | None:
     """The 2.5D conventions a model's checkpoint records, or ``None`` (an ordinary model)."""
-    rec = (getattr(model, "checkpoint_extra", None) or {}).get(KEY)
+    rec = model.spec.extra.get(KEY)
     if not isinstance(rec, dict) or rec.get("kind") != "2.5d":
         return None
     fields = {k: rec[k] for k in ("context", "in_plane_mm", "train_factor", "coords", "roi") if k in rec}

@@ -19,7 +19,7 @@ from napari_medssl import inference, io, slices25d, zoo
 from napari_medssl.engine import adapt
 from napari_medssl.engine.cli import main
 from napari_medssl.engine.readers import read_any
-from tests.helpers_engine import one_thread  # noqa: F401 (autouse fixture)
+from napari_medssl.testing.training import one_thread  # noqa: F401 (autouse fixture)
 
 CROP = (slice(12, 22), slice(150, 294), slice(100, 244))  # 10 x 144 x 144 voxels around the tumour
 

@@ -154,16 +154,16 @@ def start_model(spec: str | None, num_classes: int, image: np.ndarray, cfg: Adap
     model, info = build_model(spec, "segment", num_classes, in_chans=2 * cfg.context + 1 + extra_chans)
     rec = (info.get("extra") or {}).get(slices25d.KEY)
     name = info.get("name", spec)
-    if getattr(model, "input_size", None) is not None:
+    if model.spec.input_size is not None:
         raise ValueError(
-            f"{spec} ({name}) takes a fixed input size {model.input_size}; pick a U-Net-like model"
+            f"{spec} ({name}) takes a fixed input size {model.spec.input_size}; pick a U-Net-like model"
         )
-    if int(getattr(model, "spatial_dims", 2)) != 2:
+    if model.spec.spatial_dims != 2:
         raise ValueError(
             f"{spec} is a 3D model; fast adaptation trains a 2.5D slice model: leave --model out for the "
             f"default starting point ({DEFAULT_START}) or give a 2D segmenter"
         )
-    chans = int(getattr(model, "in_chans", 1))
+    chans = model.spec.in_chans
     slices25d.check_image(image)
     if isinstance(rec, dict) and rec.get("kind") == "2.5d":
         conv = slices25d.Conventions(
@@ -180,7 +180,7 @@ def start_model(spec: str | None, num_classes: int, image: np.ndarray, cfg: Adap
     if cfg.coords and not conv.coords:
         widen_input(model, 2)
         conv = slices25d.Conventions(context=conv.context, in_plane_mm=conv.in_plane_mm, coords=True)
-    if conv.in_chans != int(getattr(model, "in_chans", 1)):
+    if conv.in_chans != model.spec.in_chans:
         raise ValueError(
             f"{spec}: its checkpoint records {conv.in_chans} channels but the model takes {chans}"
         )
