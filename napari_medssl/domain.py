@@ -180,12 +180,9 @@ def facts_from_layer(layer: Any) -> ImageFacts:
 
 
 def model_domain(model: Any = None, card: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The domain block of a loaded model (``model.spec.domain``, else its card's) or of a card."""
-    spec = getattr(model, "spec", None)
-    dom = getattr(spec, "domain", None) if spec is not None else None
-    if dom:
-        return dict(dom)
-    card = card if card is not None else getattr(model, "card", None)
+    """The domain block of a loaded model (``model.spec.domain``: its card's) or of a card."""
+    if model is not None and model.spec.domain:
+        return dict(model.spec.domain)
     dom = (card or {}).get("domain") if isinstance(card, Mapping) else None
     return dict(dom) if isinstance(dom, Mapping) else None
 

@@ -222,7 +222,7 @@ def load(name_or_path: str | os.PathLike, device: str = "cpu") -> Any:
     # the zoo's card and the name asked for add facts to the checkpoint's own
     attach_spec(
         model,
-        model.checkpoint_extra,
+        model.spec.extra,
         card=found.card,
         source=found.source,
         weights_path=str(found.path),
