@@ -25,6 +25,8 @@ and ``notes``. :mod:`napari_medssl.domain` compares an opened image with it.
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -115,7 +117,8 @@ def card(name: str) -> dict[str, Any]:
         raise ValueError(f"no zoo model {name!r}; available: {', '.join(sorted(cards)) or 'none'}")
     path = cards[name]
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        stat = path.stat()
+        data = copy.deepcopy(_parsed_card(str(path), stat.st_mtime_ns, stat.st_size))
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML ({err})") from None
     weights = data.get("weights") or {}
@@ -130,6 +133,14 @@ def card(name: str) -> dict[str, Any]:
     weights["url"] = weights_url(name, weights.get("url"))
     data["weights"] = weights
     return data
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_card(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """A card file's YAML, parsed once per file version (callers get a copy)."""
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 def weights_url(name: str, card_url: str | None = None) -> str:
@@ -218,7 +229,8 @@ def load(name_or_path: str | os.PathLike, device: str = "cpu") -> Any:
 
     found = resolve(name_or_path)
     assert found.path is not None
-    model = load_model(found.path, map_location=pick_device(device))
+    verified = (found.card or {}).get("weights", {}).get("sha256")  # weights_path checked it
+    model = load_model(found.path, map_location=pick_device(device), weights_sha256=verified)
     # the zoo's card and the name asked for add facts to the checkpoint's own
     attach_spec(
         model,

@@ -195,7 +195,11 @@ def _read(
 
 
 def load_model(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    weights_sha256: str | None = None,
+    **overrides: Any,
 ) -> nn.Module:
     """Rebuild a model from a checkpoint written by :func:`save_model`; ``model.spec`` holds the checkpoint's
     facts (its ``extra`` metadata, path and sha256).
@@ -221,5 +225,6 @@ def load_model(
         )
     from napari_medssl._atomic import sha256_file
 
-    attach_spec(model, extra, source=str(path), weights_path=str(path), weights_sha256=sha256_file(path))
+    sha = weights_sha256 or sha256_file(path)  # a caller that has just verified the file passes its sha256
+    attach_spec(model, extra, source=str(path), weights_path=str(path), weights_sha256=sha)
     return model.to(map_location)
