@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -293,3 +293,9 @@ def add_overlay(viewer: Any, overlay: OverlayLayer, replace: bool = True) -> Any
     for key, value in after.items():
         setattr(layer, key, value)
     return layer
+
+
+class Relay(QObject):
+    """Carries progress from a worker thread to the GUI thread (queued signal); shared by the docks."""
+
+    progressed = Signal(int, int)

@@ -18,7 +18,7 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -34,6 +34,7 @@ from napari_medssl._widgets._common import CHECKPOINT_ITEM as CHECKPOINT_ITEM
 from napari_medssl._widgets._common import (
     LayerCombo,
     ModelPicker,
+    Relay,
     current_plane,
     guarded,
     report_error,
@@ -47,12 +48,6 @@ SCOPES = ("current slice", "whole volume")
 NO_MODEL = "(no model)"
 """The Model dock's entry for "nothing chosen" (the launcher selects it when no shipped model fits)."""
 HEADLINE_METRICS = ("mean_dice", "auc", "balanced_accuracy", "accuracy", "mean_iou")
-
-
-class _Relay(QObject):
-    """Carries progress from the worker thread to the GUI thread (queued signal)."""
-
-    progressed = Signal(int, int)
 
 
 def summarize_card(card: dict[str, Any], spec: Any = None) -> str:
@@ -143,7 +138,7 @@ class ModelWidget(QWidget):
         self.session = get_session(napari_viewer)
         self._worker: Any = None
         self._cancel = threading.Event()
-        self._relay = _Relay()
+        self._relay = Relay()
         self._pbar: progress | None = None
         self.last_result: Any = None
 

@@ -26,9 +26,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_medssl._widgets._common import LayerCombo, guarded, load_model, report_error
+from napari_medssl._widgets._common import LayerCombo, Relay, guarded, load_model, report_error
 from napari_medssl._widgets._session import get_session
-from napari_medssl._widgets.model_widget import _Relay  # progress from the worker thread
 
 TOP = 10
 UNCERTAINTY_COLORMAP = Colormap(
@@ -46,7 +45,7 @@ class PaintNextWidget(QWidget):
         self.session = get_session(napari_viewer)
         self._worker: Any = None
         self._cancel = threading.Event()
-        self._relay = _Relay()
+        self._relay = Relay()
         self.ranking: list[tuple[int, float]] = []
         self.axis = 0
 

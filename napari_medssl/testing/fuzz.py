@@ -1,4 +1,4 @@
-"""Mutation fuzzing of the readers: real files from ../shared/data, mutated, read in a watched worker process.
+"""Mutation fuzzing of the readers: real files from $MEDSSL_DATA_DIR, mutated, read in a watched worker process.
 
 Shared by ``tests/test_fuzz_readers.py`` (a short, derandomised Hypothesis run) and
 ``benchmarks/fuzz_readers.py`` (the long run). Every input starts as a real DICOM, NIfTI or PNG file and gets

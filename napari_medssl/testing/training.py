@@ -1,4 +1,4 @@
-"""Small real-data folders for the engine tests: symlinks to a few files of ../shared/data (never copies)."""
+"""Small real-data folders for the engine tests: symlinks to a few files of $MEDSSL_DATA_DIR (never copies)."""
 
 from __future__ import annotations
 
