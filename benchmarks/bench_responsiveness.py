@@ -69,57 +69,63 @@ def painted_volume():
     return img, painted
 
 
-def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
-    import napari
-    from napari.qt.threading import thread_worker
+class Scenarios:
+    """One viewer with the Model and Fine-tune docks on a painted hippocampus volume, and the measured
+    scenarios: each returns the tick gaps (and training steps/s) over one measurement window."""
 
-    from napari_medssl._widgets import FinetuneWidget, ModelWidget
-    from napari_medssl.annotation_samples import UNLABELLED, finetune_events, segmentation_samples
-    from napari_medssl.models.registry import create_model, save_model
+    def __init__(self, seconds: float) -> None:
+        import napari
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_resp_"))
-    os.environ.setdefault("MEDSSL_RUNS_DIR", str(tmp / "runs"))
-    os.environ.setdefault("MEDSSL_AUTOSAVE_DIR", str(tmp / "autosave"))
-    ckpt = str(save_model(create_model("unet_tiny", levels=3), tmp / "unet.safetensors"))
-    img, painted = painted_volume()
-    steps = 100_000  # the measurement window always ends first
+        from napari_medssl._widgets import FinetuneWidget, ModelWidget
+        from napari_medssl.annotation_samples import UNLABELLED, segmentation_samples
+        from napari_medssl.models.registry import create_model, save_model
 
-    viewer = napari.Viewer()
-    image = viewer.add_image(img, name="hippocampus_003")
-    mw, fw = ModelWidget(viewer), FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(mw, name="Model")
-    viewer.window.add_dock_widget(fw, name="Fine-tune")
-    mw.select(ckpt, device="cpu")
-    ann = fw.new_labels_layer()
-    ann.data = painted
-    fw.image_combo.setCurrentText(image.name)
-    fw.steps.setValue(steps)
-    fw.val_every.setValue(50)
-    fw.batch.setValue(8)
-    app = napari.qt.get_qapp()
-    rec = TickRecorder()
-    s = segmentation_samples(img, painted, 2)
-    config = dict(
-        model=ckpt,
-        task="segment",
-        max_steps=steps,
-        batch_size=8,
-        val_every=50,
-        num_classes=3,
-        ignore_index=UNLABELLED,
-        resume=False,
-        device="cpu",
-        warmup_steps=5,
-    )
+        self.seconds = seconds
+        self.tmp = tmp = Path(tempfile.mkdtemp(prefix="bench_resp_"))
+        os.environ.setdefault("MEDSSL_RUNS_DIR", str(tmp / "runs"))
+        os.environ.setdefault("MEDSSL_AUTOSAVE_DIR", str(tmp / "autosave"))
+        ckpt = str(save_model(create_model("unet_tiny", levels=3), tmp / "unet.safetensors"))
+        img, painted = painted_volume()
+        steps = 100_000  # the measurement window always ends first
 
-    def idle() -> dict[str, float]:
-        rec.start()
-        pump(app, min(seconds, 10.0))
-        return rec.stop()
+        self.viewer = viewer = napari.Viewer()
+        image = viewer.add_image(img, name="hippocampus_003")
+        mw, fw = ModelWidget(viewer), FinetuneWidget(viewer)
+        viewer.window.add_dock_widget(mw, name="Model")
+        viewer.window.add_dock_widget(fw, name="Fine-tune")
+        mw.select(ckpt, device="cpu")
+        ann = fw.new_labels_layer()
+        ann.data = painted
+        fw.image_combo.setCurrentText(image.name)
+        fw.steps.setValue(steps)
+        fw.val_every.setValue(50)
+        fw.batch.setValue(8)
+        self.fw = fw
+        self.app = napari.qt.get_qapp()
+        self.rec = TickRecorder()
+        self.s = segmentation_samples(img, painted, 2)
+        self.config = dict(
+            model=ckpt,
+            task="segment",
+            max_steps=steps,
+            batch_size=8,
+            val_every=50,
+            num_classes=3,
+            ignore_index=UNLABELLED,
+            resume=False,
+            device="cpu",
+            warmup_steps=5,
+        )
 
-    def dock_monitor(docked: bool) -> None:
+    def idle(self) -> dict[str, float]:
+        self.rec.start()
+        pump(self.app, min(self.seconds, 10.0))
+        return self.rec.stop()
+
+    def dock_monitor(self, docked: bool) -> None:
         from qtpy.QtCore import Qt
 
+        fw = self.fw
         if docked:  # Start must not pull it out again: the dock's "show the progress window" does nothing
             fw.monitor.setParent(fw, Qt.WindowType.Widget)
             fw.layout().addWidget(fw.monitor)
@@ -129,31 +135,33 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
             fw.monitor.setParent(None, Qt.WindowType.Tool)
             del fw.show_progress  # back to the class's method
         fw.monitor.show()
-        pump(app, 1.0)
+        pump(self.app, 1.0)
 
-    def in_process() -> dict[str, float]:
+    def in_process(self) -> dict[str, float]:
+        fw, app, rec = self.fw, self.app, self.rec
         fw.plot.clear()
         proc = fw.start()
         pump(app, 120, until=lambda: len(fw.plot.points("loss")) >= 1)  # measure while it trains
         n0, t0 = len(fw.plot.points("loss")), time.perf_counter()
         rec.start()
-        pump(app, seconds, until=lambda: proc.finished)
+        pump(app, self.seconds, until=lambda: proc.finished)
         res = rec.stop()
         res["steps/s"] = (len(fw.plot.points("loss")) - n0) / (time.perf_counter() - t0)
         fw.stop()
         return res
 
-    def in_process_undrawn(k: int) -> dict[str, float]:
+    def in_process_undrawn(self, k: int) -> dict[str, float]:
         from qtpy.QtCore import QTimer
 
         from napari_medssl.finetune_process import TrainingProcess
 
+        s, app, rec = self.s, self.app, self.rec
         proc = TrainingProcess(
             "napari_medssl.annotation_samples:finetune_events",
             dict(
                 images=s["images"],
                 labels=s["labels"],
-                config={**config, "out_dir": str(tmp / f"undrawn_run{k}")},
+                config={**self.config, "out_dir": str(self.tmp / f"undrawn_run{k}")},
                 ids=s["ids"],
                 validate_on_train=True,
             ),
@@ -166,14 +174,19 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
         pump(app, 120, until=lambda: any(e["event"] == "step" for e in seen))
         n0, t0 = len(seen), time.perf_counter()
         rec.start()
-        pump(app, seconds, until=lambda: proc.finished)
+        pump(app, self.seconds, until=lambda: proc.finished)
         res = rec.stop()
         res["steps/s"] = sum(e["event"] == "step" for e in seen[n0:]) / (time.perf_counter() - t0)
         poller.stop()
         proc.stop()
         return res
 
-    def in_thread(k: int) -> dict[str, float]:
+    def in_thread(self, k: int) -> dict[str, float]:
+        from napari.qt.threading import thread_worker
+
+        from napari_medssl.annotation_samples import finetune_events
+
+        fw, s, app, rec = self.fw, self.s, self.app, self.rec
         fw.plot.clear()
         seen: list[dict] = []
 
@@ -185,7 +198,7 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
         worker = thread_worker(finetune_events, connect={"yielded": on_event}, start_thread=False)(
             images=s["images"],
             labels=s["labels"],
-            config={**config, "out_dir": str(tmp / f"thread_run{k}")},
+            config={**self.config, "out_dir": str(self.tmp / f"thread_run{k}")},
             ids=s["ids"],
             validate_on_train=True,
         )
@@ -195,39 +208,42 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
         pump(app, 120, until=lambda: any(e["event"] == "step" for e in seen))
         n0, t0 = len(seen), time.perf_counter()
         rec.start()
-        pump(app, seconds, until=lambda: bool(done))
+        pump(app, self.seconds, until=lambda: bool(done))
         res = rec.stop()
         res["steps/s"] = sum(e["event"] == "step" for e in seen[n0:]) / (time.perf_counter() - t0)
         worker.quit()
         pump(app, 60, until=lambda: bool(done))
         return res
 
-    pump(app, 2.0)
+
+def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
+    b = Scenarios(seconds)
+    pump(b.app, 2.0)
     results = []
     for k in range(rounds):
-        results.append((f"idle viewer (round {k + 1})", {**idle(), "load": os.getloadavg()[0]}))
+        results.append((f"idle viewer (round {k + 1})", {**b.idle(), "load": os.getloadavg()[0]}))
         load = os.getloadavg
         results.append(
             (
                 f"separate process, Fine-tune dock + progress window (round {k + 1})",
-                {**in_process(), "load": load()[0]},
+                {**b.in_process(), "load": load()[0]},
             )
         )
-        dock_monitor(True)
+        b.dock_monitor(True)
         results.append(
             (
                 f"separate process, curve docked in the main window (round {k + 1})",
-                {**in_process(), "load": load()[0]},
+                {**b.in_process(), "load": load()[0]},
             )
         )
-        dock_monitor(False)
+        b.dock_monitor(False)
         results.append(
-            (f"separate process, not drawn (round {k + 1})", {**in_process_undrawn(k), "load": load()[0]})
+            (f"separate process, not drawn (round {k + 1})", {**b.in_process_undrawn(k), "load": load()[0]})
         )
         results.append(
-            (f"napari thread_worker, same plot (round {k + 1})", {**in_thread(k), "load": load()[0]})
+            (f"napari thread_worker, same plot (round {k + 1})", {**b.in_thread(k), "load": load()[0]})
         )
-    viewer.close()
+    b.viewer.close()
     return results
 
 

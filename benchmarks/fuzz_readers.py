@@ -35,7 +35,7 @@ from napari_medssl.testing.fuzz import (  # noqa: E402
 MAX_PEAK_MB = 256
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--inputs", type=int, default=3000, help="mutated inputs to try (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the run (default 0)")
@@ -43,61 +43,66 @@ def main() -> int:
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="the real data folder")
     p.add_argument("--keep", default=str(REPO / "test-output" / "fuzz_failures"), help="where failures go")
     p.add_argument("--json", help="write the summary here")
-    args = p.parse_args()
+    return p.parse_args()
 
-    data = Path(args.data)
-    seeds = seed_bytes(data)
+
+def check_huge_claims(worker: ReaderWorker, data: Path, folder: Path, failures: list[dict]) -> None:
+    """Tiny files claiming huge images must be refused without allocating; failures are appended."""
+    for fmt, path in huge_claims(data, folder / "huge").items():
+        answer = worker.read(path, trace=True)
+        ok = answer["outcome"] == "refused" and answer["traced_peak_mb"] < 1 and answer["peak_mb"] < 8
+        claim = "~1.07e9 voxels (under the limit)" if "under" in fmt else "1e12 voxels"
+        print(
+            f"tiny {fmt} file ({path.stat().st_size} B) claiming {claim}: {answer['outcome']}, "
+            f"traced peak {answer['traced_peak_mb']:.3f} MB, RSS peak {answer['peak_mb']:.1f} MB, "
+            f"{answer['seconds'] * 1e3:.1f} ms -> {'PASS' if ok else 'FAIL'}"
+        )
+        if not ok:
+            failures.append({"input": str(path), **answer})
+
+
+def fuzz(
+    args: argparse.Namespace, seeds: dict, worker: ReaderWorker, folder: Path, failures: list[dict], t0: float
+):
+    """Read ``args.inputs`` mutated inputs; count outcomes per seed file and per mutator, track the slowest
+    read and the largest memory peak, keep (and append) failures. Returns those four."""
     names = sorted(seeds)
     rng = np.random.default_rng(args.seed)
-    worker = ReaderWorker(timeout=args.timeout)
     counts: dict[str, Counter] = defaultdict(Counter)
     by_mutator: dict[str, Counter] = defaultdict(Counter)
-    failures: list[dict] = []
     slowest = (0.0, "")
     biggest = (0.0, "")
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="medssl-fuzz-") as tmp:
-        folder = Path(tmp)
-        for fmt, path in huge_claims(data, folder / "huge").items():
-            answer = worker.read(path, trace=True)
-            ok = answer["outcome"] == "refused" and answer["traced_peak_mb"] < 1 and answer["peak_mb"] < 8
-            claim = "~1.07e9 voxels (under the limit)" if "under" in fmt else "1e12 voxels"
+    for i in range(args.inputs):
+        seed = names[int(rng.integers(0, len(names)))]
+        mutator = MUTATORS[int(rng.integers(0, len(MUTATORS)))]
+        salt = int(rng.integers(0, 2**32 - 1))
+        path, note = make_input(seeds, seed, mutator, salt, folder)
+        answer = worker.read(path)
+        counts[seed][answer["outcome"]] += 1
+        by_mutator[mutator][answer["outcome"]] += 1
+        if answer.get("seconds", 0) > slowest[0]:
+            slowest = (answer["seconds"], note)
+        if answer.get("peak_mb", 0) > biggest[0]:
+            biggest = (answer["peak_mb"], note)
+        if not acceptable(answer, MAX_PEAK_MB):
+            kept = keep_failure(path, answer, note, Path(args.keep))
+            failures.append({"input": str(kept), "mutation": note, **answer})
+            print(f"FAIL {note}: {answer}", flush=True)
+        path.unlink()
+        if (i + 1) % 500 == 0:
             print(
-                f"tiny {fmt} file ({path.stat().st_size} B) claiming {claim}: {answer['outcome']}, "
-                f"traced peak {answer['traced_peak_mb']:.3f} MB, RSS peak {answer['peak_mb']:.1f} MB, "
-                f"{answer['seconds'] * 1e3:.1f} ms -> {'PASS' if ok else 'FAIL'}"
+                f"... {i + 1} inputs, {len(failures)} failures, {time.perf_counter() - t0:.0f} s",
+                flush=True,
             )
-            if not ok:
-                failures.append({"input": str(path), **answer})
-        for i in range(args.inputs):
-            seed = names[int(rng.integers(0, len(names)))]
-            mutator = MUTATORS[int(rng.integers(0, len(MUTATORS)))]
-            salt = int(rng.integers(0, 2**32 - 1))
-            path, note = make_input(seeds, seed, mutator, salt, folder)
-            answer = worker.read(path)
-            counts[seed][answer["outcome"]] += 1
-            by_mutator[mutator][answer["outcome"]] += 1
-            if answer.get("seconds", 0) > slowest[0]:
-                slowest = (answer["seconds"], note)
-            if answer.get("peak_mb", 0) > biggest[0]:
-                biggest = (answer["peak_mb"], note)
-            if not acceptable(answer, MAX_PEAK_MB):
-                kept = keep_failure(path, answer, note, Path(args.keep))
-                failures.append({"input": str(kept), "mutation": note, **answer})
-                print(f"FAIL {note}: {answer}", flush=True)
-            path.unlink()
-            if (i + 1) % 500 == 0:
-                print(
-                    f"... {i + 1} inputs, {len(failures)} failures, {time.perf_counter() - t0:.0f} s",
-                    flush=True,
-                )
-    worker.close()
-    elapsed = time.perf_counter() - t0
+    return counts, by_mutator, slowest, biggest
 
+
+def report(args, names, elapsed, restarts, counts, by_mutator, slowest, biggest, failures) -> None:
+    """Print the outcome tables and extremes; write the JSON summary when ``--json`` is given."""
     outcomes = ("ok", "refused", "bad_output", "unexpected", "crash", "hang")
     print(
         f"\n{args.inputs} mutated inputs in {elapsed:.0f} s ({args.inputs / elapsed:.1f}/s), "
-        f"worker restarts {worker.restarts}"
+        f"worker restarts {restarts}"
     )
     print(f"{'seed':14s} " + " ".join(f"{o:>10s}" for o in outcomes))
     for name in names:
@@ -130,6 +135,22 @@ def main() -> int:
                 indent=1,
             )
         )
+
+
+def main() -> int:
+    args = parse_args()
+    data = Path(args.data)
+    seeds = seed_bytes(data)
+    worker = ReaderWorker(timeout=args.timeout)
+    failures: list[dict] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="medssl-fuzz-") as tmp:
+        folder = Path(tmp)
+        check_huge_claims(worker, data, folder, failures)
+        counts, by_mutator, slowest, biggest = fuzz(args, seeds, worker, folder, failures, t0)
+    worker.close()
+    elapsed = time.perf_counter() - t0
+    report(args, sorted(seeds), elapsed, worker.restarts, counts, by_mutator, slowest, biggest, failures)
     return 1 if failures else 0
 
 

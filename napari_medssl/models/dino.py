@@ -341,13 +341,6 @@ class DINO(nn.Module):
             mlp_ratio=mlp_ratio,
             global_pool=global_pool,
         )
-        self.num_classes = num_classes
-        self.task = "classify" if num_classes > 0 else "pretrain"
-        pretrain = self.task == "pretrain"
-        self.student = VisionTransformer(**vit_kw, drop_path_rate=drop_path_rate)
-        self.teacher = VisionTransformer(
-            **vit_kw, num_classes=num_classes, drop_path_rate=0.0 if pretrain else drop_path_rate
-        )
         head_kw = dict(
             in_dim=embed_dim,
             out_dim=out_dim,
@@ -357,11 +350,37 @@ class DINO(nn.Module):
             norm_last_layer=norm_last_layer,
             use_bn=head_use_bn,
         )
+        self.num_classes = num_classes
+        self.task = "classify" if num_classes > 0 else "pretrain"
+        self._build_networks(vit_kw, head_kw, drop_path_rate)
+        self.in_chans = in_chans
+        self.input_size = self.teacher.input_size
+        self.patch_size = patch_size
+        self._set_crops(global_size, local_size, n_local_crops, global_scale, local_scale)
+        self.head_use_bn = head_use_bn
+        self.student_temp = student_temp
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.final_teacher_temp = teacher_temp
+        self.warmup_teacher_frac = warmup_teacher_frac
+        self.center_momentum = center_momentum
+        self.momentum_base = momentum_teacher
+        self.teacher_temp = warmup_teacher_temp  # current value, advanced by on_train_step
+        self.momentum = momentum_teacher
+        self.train()
+
+    def _build_networks(self, vit_kw: dict[str, Any], head_kw: dict[str, Any], drop_path_rate: float) -> None:
+        """Create student, teacher and their heads (in this order: seeded runs rely on it), start the teacher
+        equal to the student, register the centre and freeze what does not learn."""
+        pretrain = self.task == "pretrain"
+        self.student = VisionTransformer(**vit_kw, drop_path_rate=drop_path_rate)
+        self.teacher = VisionTransformer(
+            **vit_kw, num_classes=self.num_classes, drop_path_rate=0.0 if pretrain else drop_path_rate
+        )
         self.student_head = DINOHead(**head_kw)
         self.teacher_head = DINOHead(**head_kw)
         self.teacher.load_state_dict(self.student.state_dict(), strict=False)  # equal start (bar the head)
         self.teacher_head.load_state_dict(self.student_head.state_dict())
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(1, head_kw["out_dim"]))
         frozen = (
             (self.teacher, self.teacher_head)
             if pretrain
@@ -370,9 +389,17 @@ class DINO(nn.Module):
         for module in frozen:
             module.requires_grad_(False)
 
-        self.in_chans = in_chans
-        self.input_size = self.teacher.input_size
-        self.patch_size = patch_size
+    def _set_crops(
+        self,
+        global_size: int | Sequence[int] | None,
+        local_size: int | Sequence[int] | None,
+        n_local_crops: int,
+        global_scale: Sequence[float],
+        local_scale: Sequence[float],
+    ) -> None:
+        """Resolve the multi-crop geometry: global/local crop sizes (local defaults to 3/7 of the global size
+        rounded to the patch size), the number of local crops and the crop area ranges."""
+        patch_size = self.patch_size
         self.global_size = (
             self.input_size
             if global_size is None
@@ -386,18 +413,8 @@ class DINO(nn.Module):
             local_size if isinstance(local_size, int) else tuple(local_size), "local_size"
         )
         self.n_local_crops = n_local_crops
-        self.head_use_bn = head_use_bn
         self.global_scale = tuple(global_scale)
         self.local_scale = tuple(local_scale)
-        self.student_temp = student_temp
-        self.warmup_teacher_temp = warmup_teacher_temp
-        self.final_teacher_temp = teacher_temp
-        self.warmup_teacher_frac = warmup_teacher_frac
-        self.center_momentum = center_momentum
-        self.momentum_base = momentum_teacher
-        self.teacher_temp = warmup_teacher_temp  # current value, advanced by on_train_step
-        self.momentum = momentum_teacher
-        self.train()
 
     @property
     def backbone(self) -> VisionTransformer:

@@ -149,6 +149,24 @@ class ScaleDecoder(nn.Module):
         return self.pred(self.norm(h[:, 1:]))
 
 
+def _check_geometry(
+    img_size: int | Sequence[int], scale: int, patch_size: int, mask_ratio: float
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Validate MIRAM's scale, mask ratio and image size; return the ``(high, low)`` resolution sizes."""
+    if not isinstance(scale, int) or scale < 2:
+        raise ValueError(
+            f"scale must be an int >= 2 (high-resolution side / low-resolution side), got {scale!r}"
+        )
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    high = to_2tuple(img_size if isinstance(img_size, int) else tuple(img_size), "img_size")
+    if high[0] % (scale * patch_size) or high[1] % (scale * patch_size):
+        raise ValueError(
+            f"img_size {high} must be a multiple of scale × patch_size = {scale * patch_size} on both sides"
+        )
+    return high, (high[0] // scale, high[1] // scale)
+
+
 class MIRAM(nn.Module):
     """Multi-scale masked autoencoder with a linear-attention high-resolution decoder.
 
@@ -201,18 +219,7 @@ class MIRAM(nn.Module):
         high_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if not isinstance(scale, int) or scale < 2:
-            raise ValueError(
-                f"scale must be an int >= 2 (high-resolution side / low-resolution side), got {scale!r}"
-            )
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        high = to_2tuple(img_size if isinstance(img_size, int) else tuple(img_size), "img_size")
-        if high[0] % (scale * patch_size) or high[1] % (scale * patch_size):
-            raise ValueError(
-                f"img_size {high} must be a multiple of scale × patch_size = {scale * patch_size} on both sides"
-            )
-        low = (high[0] // scale, high[1] // scale)
+        high, low = _check_geometry(img_size, scale, patch_size, mask_ratio)
         self.input_size = high
         self.low_size = low
         self.scale = scale
@@ -236,35 +243,37 @@ class MIRAM(nn.Module):
             global_pool=global_pool,
             drop_path_rate=drop_path_rate,
         )
-        low_grid = self.encoder.base_grid
-        high_grid = (low_grid[0] * scale, low_grid[1] * scale)
-        out_dim = patch_size**2 * in_chans
-        self.decoder = ScaleDecoder(
+        self._build_decoders(
             embed_dim,
-            decoder_embed_dim,
-            decoder_depth,
-            decoder_num_heads,
-            low_grid,
-            out_dim,
-            "sdpa",
-            None,
             mlp_ratio,
+            (decoder_embed_dim, decoder_depth, decoder_num_heads),
+            (hr_decoder_embed_dim, hr_decoder_depth, hr_decoder_num_heads),
+            hr_attention,
+            hr_attention_kw,
         )
+
+    def _build_decoders(
+        self,
+        embed_dim: int,
+        mlp_ratio: float,
+        low_dims: tuple[int, int, int],
+        high_dims: tuple[int, int, int],
+        hr_attention: str,
+        hr_attention_kw: dict[str, Any] | None,
+    ) -> None:
+        """Create the low-resolution (exact attention) then the high-resolution decoder, each given as
+        ``(embed_dim, depth, num_heads)``, and initialise both (this order: seeded runs rely on it)."""
+        low_grid = self.encoder.base_grid
+        high_grid = (low_grid[0] * self.scale, low_grid[1] * self.scale)
+        out_dim = self.patch_size**2 * self.in_chans
+        self.decoder = ScaleDecoder(embed_dim, *low_dims, low_grid, out_dim, "sdpa", None, mlp_ratio)
         hr_kw = dict(hr_attention_kw or {})
         if hr_attention == "linformer":
             hr_kw.setdefault("seq_len", 1 + high_grid[0] * high_grid[1])
             hr_kw.setdefault("k", max(1, hr_kw["seq_len"] // 4))
         self.hr_attention = hr_attention
         self.hr_decoder = ScaleDecoder(
-            embed_dim,
-            hr_decoder_embed_dim,
-            hr_decoder_depth,
-            hr_decoder_num_heads,
-            high_grid,
-            out_dim,
-            hr_attention,
-            hr_kw,
-            mlp_ratio,
+            embed_dim, *high_dims, high_grid, out_dim, hr_attention, hr_kw, mlp_ratio
         )
         init_vit_weights(self.decoder)
         init_vit_weights(self.hr_decoder)
