@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,15 +357,8 @@ def adapt_events(
     t0, wall0, cpu0 = clock(), time.monotonic(), time.process_time()
     budget = 60.0 * cfg.max_minutes
     torch.manual_seed(cfg.seed)
-    model, conv, classes = preflight(image, painted, cfg)
+    model, conv, classes, vol, lab = _setup(image, painted, cfg, spacing_yx, affine)
     num_classes = max(2, max(classes) + 1)
-    vol, lab, factor = prepare(image, painted, conv, spacing_yx)
-    roi = None
-    if affine is not None and cfg.roi_margin_mm is not None and np.ndim(painted) == 3:
-        roi = slices25d.painted_boxes(np.asarray(painted).astype(np.int64) - 1, affine, cfg.roi_margin_mm)
-    conv = slices25d.Conventions(
-        context=conv.context, in_plane_mm=conv.in_plane_mm, train_factor=factor, coords=conv.coords, roi=roi
-    )
     device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
     model.to(device).train()
     sampler = PaintedCrops(vol, lab, conv.context, min(cfg.crop, _crop_cap(vol)), cfg.seed, conv.coords)
@@ -375,6 +368,87 @@ def adapt_events(
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     extra = _extra(cfg, conv, num_classes, classes, painted)
+    step, saved = yield from _train_steps(
+        model,
+        sampler,
+        gen,
+        optimizer,
+        encoder,
+        cfg,
+        (clock, t0, budget),
+        conv,
+        out,
+        extra,
+        image,
+        (spacing_yx, affine),
+        device,
+    )
+    elapsed = clock() - t0
+    path = next(_checkpoint(model, out, extra, step, elapsed, cfg, None, conv, (spacing_yx, affine), device))[
+        "path"
+    ]
+    if cfg.preview_slice is not None:
+        yield _preview(model, image, conv, (spacing_yx, affine), device, cfg.preview_slice)
+    record = {
+        "steps": step,
+        "elapsed_s": round(elapsed, 2),
+        "clock": cfg.clock,
+        "wall_s": round(time.monotonic() - wall0, 2),
+        "cpu_s": round(time.process_time() - cpu0, 2),
+        "checkpoints": saved + 1,
+        **extra["adapt"],
+    }
+    (out / "adapt.json").write_text(json.dumps(record, indent=1))
+    yield {"event": "checkpoint", "step": step, "path": path, "best": True}
+    yield {
+        "event": "done",
+        "step": step,
+        "best_path": path,
+        "last_path": path,
+        "metrics": {},
+        "record": record,
+    }
+
+
+def _setup(
+    image: np.ndarray,
+    painted: np.ndarray,
+    cfg: AdaptConfig,
+    spacing_yx: tuple[float, float] | None,
+    affine: np.ndarray | None,
+) -> tuple[Any, Any, list[int], torch.Tensor, torch.Tensor]:
+    """The starting model, the run's conventions (train factor, painted ROI), the painted classes, and the
+    prepared volume and labels (:func:`prepare`)."""
+    model, conv, classes = preflight(image, painted, cfg)
+    vol, lab, factor = prepare(image, painted, conv, spacing_yx)
+    roi = None
+    if affine is not None and cfg.roi_margin_mm is not None and np.ndim(painted) == 3:
+        roi = slices25d.painted_boxes(np.asarray(painted).astype(np.int64) - 1, affine, cfg.roi_margin_mm)
+    conv = slices25d.Conventions(
+        context=conv.context, in_plane_mm=conv.in_plane_mm, train_factor=factor, coords=conv.coords, roi=roi
+    )
+    return model, conv, classes, vol, lab
+
+
+def _train_steps(
+    model: Any,
+    sampler: PaintedCrops,
+    gen: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    encoder: list,
+    cfg: AdaptConfig,
+    timing: tuple[Callable[[], float], float, float],
+    conv: Any,
+    out: Path,
+    extra: dict,
+    image: np.ndarray,
+    geometry: tuple,
+    device: torch.device,
+) -> Generator[dict[str, Any], None, tuple[int, int]]:
+    """The training loop: step and checkpoint events until the budget or ``cfg.max_steps`` is spent; returns
+    the steps taken and the checkpoints saved."""
+    clock, t0, budget = timing
+    spacing_yx, affine = geometry
     step, last_save, saved = 0, None, 0
     from napari_medssl.engine.loop import soft_dice_loss
 
@@ -412,31 +486,7 @@ def adapt_events(
                 model, out, extra, step, now, cfg, image, conv, (spacing_yx, affine), device
             )
             last_save, saved = clock() - t0, saved + 1
-    elapsed = clock() - t0
-    path = next(_checkpoint(model, out, extra, step, elapsed, cfg, None, conv, (spacing_yx, affine), device))[
-        "path"
-    ]
-    if cfg.preview_slice is not None:
-        yield _preview(model, image, conv, (spacing_yx, affine), device, cfg.preview_slice)
-    record = {
-        "steps": step,
-        "elapsed_s": round(elapsed, 2),
-        "clock": cfg.clock,
-        "wall_s": round(time.monotonic() - wall0, 2),
-        "cpu_s": round(time.process_time() - cpu0, 2),
-        "checkpoints": saved + 1,
-        **extra["adapt"],
-    }
-    (out / "adapt.json").write_text(json.dumps(record, indent=1))
-    yield {"event": "checkpoint", "step": step, "path": path, "best": True}
-    yield {
-        "event": "done",
-        "step": step,
-        "best_path": path,
-        "last_path": path,
-        "metrics": {},
-        "record": record,
-    }
+    return step, saved
 
 
 def _crop_cap(vol: torch.Tensor) -> int:

@@ -126,15 +126,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``medssl`` argument parser."""
-    parser = _Parser(
-        prog="medssl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
+def _add_pretrain(sub) -> None:
+    """The ``medssl pretrain`` sub-command."""
     p = sub.add_parser(
         "pretrain",
         help="self-supervised pretraining (MAE, DINO, MSMAE, MIRAM, MiM)",
@@ -147,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(p)
     p.add_argument("--num-classes", type=int, default=0, help="classes for a supervised term (MSMAE)")
 
+
+def _add_finetune(sub) -> None:
+    """The ``medssl finetune`` sub-command."""
     p = sub.add_parser(
         "finetune",
         help="train a classifier or segmenter (from scratch or a checkpoint)",
@@ -196,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default 0 = off)",
     )
 
+
+def _add_evaluate(sub) -> None:
+    """The ``medssl evaluate`` sub-command."""
     p = sub.add_parser(
         "evaluate",
         help="metrics of a model on a data folder",
@@ -223,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         "was trained with random flips on; costs one extra pass per mirror",
     )
 
+
+def _add_predict(sub) -> None:
+    """The ``medssl predict`` sub-command."""
     p = sub.add_parser(
         "predict",
         help="segment or classify files",
@@ -271,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         "file; a folder for several inputs)",
     )
 
+
+def _add_ensemble(sub) -> None:
+    """The ``medssl ensemble`` sub-command."""
     p = sub.add_parser(
         "ensemble",
         help="average several trained segmenters",
@@ -289,6 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="FILE", help="the ensemble's .safetensors file")
     p.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the size)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medssl`` argument parser."""
+    parser = _Parser(
+        prog="medssl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    _add_pretrain(sub)
+    _add_finetune(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_ensemble(sub)
 
     from napari_medssl.engine import cli_attention
 

@@ -377,18 +377,8 @@ def read_seg(path: str | os.PathLike, source: Any = None) -> Volume:
         MedicalImageReadError: Not a SEG, a corrupt SEG, no source series found, or frames that do not
             match the source.
     """
-    import highdicom as hd
-
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path)
-        if not is_seg(ds):
-            raise MedicalImageReadError(path, "not a DICOM Segmentation (SEG) object")
-        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
-    except MedicalImageReadError:
-        raise
-    except Exception as err:
-        raise MedicalImageReadError(path, f"corrupt DICOM SEG ({type(err).__name__}: {err})") from None
+    ds, seg = _open_seg(path)
     series_uid = referenced_series_uid(ds)
     if not series_uid:
         raise MedicalImageReadError(path, "the SEG references no source series (ReferencedSeriesSequence)")
@@ -412,6 +402,42 @@ def read_seg(path: str | os.PathLike, source: Any = None) -> Volume:
         ) from None
     data = data.reshape(src.data.shape[: src.spatial_ndim])
     data = data.astype(np.uint8 if data.max(initial=0) < 256 else np.uint16)
+    metadata = _seg_metadata(path, ds, src, files, series_uid, data)
+    name = str(ds.get("SeriesDescription", "") or path.stem)
+    return Volume(
+        data=data,
+        spacing=src.spacing,
+        origin=src.origin,
+        direction=src.direction,
+        modality="SEG",
+        window=(0.0, float(max(1, data.max()))),
+        name=name,
+        is_label=True,
+        metadata=metadata,
+        affine=src.affine,
+    )
+
+
+def _open_seg(path: Path) -> tuple[Any, Any]:
+    """The SEG file's dataset and its highdicom ``Segmentation``; a clear error for anything else."""
+    import highdicom as hd
+
+    try:
+        ds = pydicom.dcmread(path)
+        if not is_seg(ds):
+            raise MedicalImageReadError(path, "not a DICOM Segmentation (SEG) object")
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
+    except MedicalImageReadError:
+        raise
+    except Exception as err:
+        raise MedicalImageReadError(path, f"corrupt DICOM SEG ({type(err).__name__}: {err})") from None
+    return ds, seg
+
+
+def _seg_metadata(
+    path: Path, ds: Any, src: Volume, files: list, series_uid: str, data: np.ndarray
+) -> dict[str, Any]:
+    """The labels volume's metadata: the source series' own, the segments, the provenance and the header."""
     segments = [
         {
             "number": int(item.SegmentNumber),
@@ -445,19 +471,7 @@ def read_seg(path: str | os.PathLike, source: Any = None) -> Volume:
         "SeriesInstanceUID": str(ds.SeriesInstanceUID),
         "SeriesDescription": str(ds.get("SeriesDescription", "")),
     }
-    name = str(ds.get("SeriesDescription", "") or path.stem)
-    return Volume(
-        data=data,
-        spacing=src.spacing,
-        origin=src.origin,
-        direction=src.direction,
-        modality="SEG",
-        window=(0.0, float(max(1, data.max()))),
-        name=name,
-        is_label=True,
-        metadata=metadata,
-        affine=src.affine,
-    )
+    return metadata
 
 
 def seg_inputs(metadata: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:

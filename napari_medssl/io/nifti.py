@@ -166,6 +166,47 @@ def read_nifti(
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; give a .nii or .nii.gz file")
+    img, shape, dtype = _open_checked(path)
+    data = _read_voxels(path, img, shape, dtype)
+    notes: list[str] = []
+    if np.issubdtype(data.dtype, np.floating):
+        data = _replace_non_finite(path, data, nan_policy, notes)
+    data = np.ascontiguousarray(data.T)
+    nifti_affine = _valid_affine(img, notes)
+    affine = nifti_affine @ _REVERSE
+    spacing_zyx, direction, origin = geometry_from_affine(affine)
+    spacing = tuple(spacing_zyx[3 - data.ndim :])
+    guessed = modality is None
+    modality = modality or _guess_modality(data)
+    values = label_values(data)
+    metadata: dict[str, Any] = {
+        "format": "nifti",
+        "source": str(path),
+        "header": _header_facts(img),
+        "nifti_affine": nifti_affine.tolist(),
+        "modality_guessed": guessed,
+        "warnings": notes,
+        "rgb": False,
+        "slice_thickness": float(spacing_zyx[0]),
+    }
+    data, window = display_window(data, values, metadata, lambda d: _first_preset(d, modality))
+    return Volume(
+        data=data,
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        modality=modality,
+        window=window,
+        name=source_name(path),
+        is_label=values is not None,
+        metadata=metadata,
+        affine=affine,
+    )
+
+
+def _open_checked(path: Path) -> tuple[Any, tuple[int, ...], np.dtype]:
+    """The NIfTI image, its shape without trailing length-1 axes and its voxel type, after the checks that
+    refuse a file before its voxels are read (not NIfTI, 4D, RGB/complex, too large, truncated)."""
     try:
         img = nib.load(path)
     except Exception as err:  # nibabel raises ImageFileError, HeaderDataError, EOFError, zlib.error ...
@@ -202,6 +243,11 @@ def read_nifti(
             f"holds {held:,} bytes{' of gzip data (at most 1032x that inflated)' if gz else ''} "
             "(truncated file or wrong header)",
         )
+    return img, shape, dtype
+
+
+def _read_voxels(path: Path, img: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The voxels in file order, float32 after scaling and in native byte order."""
     try:
         data = np.asanyarray(img.dataobj).reshape(shape)
     except Exception as err:
@@ -212,40 +258,7 @@ def read_nifti(
         data = data.astype(np.float32)  # scl_slope scaling: float32 is what napari and the models use
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))  # big-endian files: torch takes native order only
-    notes: list[str] = []
-    if np.issubdtype(data.dtype, np.floating):
-        data = _replace_non_finite(path, data, nan_policy, notes)
-    data = np.ascontiguousarray(data.T)
-    nifti_affine = _valid_affine(img, notes)
-    affine = nifti_affine @ _REVERSE
-    spacing_zyx, direction, origin = geometry_from_affine(affine)
-    spacing = tuple(spacing_zyx[3 - data.ndim :])
-    guessed = modality is None
-    modality = modality or _guess_modality(data)
-    values = label_values(data)
-    metadata: dict[str, Any] = {
-        "format": "nifti",
-        "source": str(path),
-        "header": _header_facts(img),
-        "nifti_affine": nifti_affine.tolist(),
-        "modality_guessed": guessed,
-        "warnings": notes,
-        "rgb": False,
-        "slice_thickness": float(spacing_zyx[0]),
-    }
-    data, window = display_window(data, values, metadata, lambda d: _first_preset(d, modality))
-    return Volume(
-        data=data,
-        spacing=spacing,
-        origin=origin,
-        direction=direction,
-        modality=modality,
-        window=window,
-        name=source_name(path),
-        is_label=values is not None,
-        metadata=metadata,
-        affine=affine,
-    )
+    return data
 
 
 def _first_preset(
