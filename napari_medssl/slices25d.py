@@ -9,10 +9,13 @@ through this module, so ``medssl predict``, the Model dock and training see the 
 - intensities: :func:`napari_medssl.transforms.normalize_intensity` over the whole volume (0.5–99.5 %);
 - ``coords``: two more channels, each pixel's row and column position in the slice scaled to [0, 1]
   (CoordConv; the structure tends to sit where it was painted, a slice away);
-- ``roi``: where each structure class was painted, as a box in patient coordinates (RAS mm) and a margin;
-  given the image's affine, class probabilities outside the widened box go to the background (the structure
-  sits near where it was painted: in the unpainted slices of that study, and in the same patient's other
-  studies in the same scanner frame). Without an affine nothing is restricted;
+- ``roi``: where each structure class was painted, as a box in patient coordinates (RAS mm) and a margin, and
+  (newer checkpoints) the painted voxels themselves as points (one per 2 mm cell) with the painted grid;
+  given the image's affine, class probabilities far from the paint go to the background (the structure sits
+  near where it was painted): on the painted series itself (same grid), farther than ``near_mm`` from any
+  painted voxel of the class; on another series (the same patient's other study in the same scanner frame,
+  where the structure may have moved or grown), outside the box widened by ``margin_mm``. Without an affine
+  nothing is restricted;
 - ``in_plane_mm``: slices resampled in-plane to this pixel size (bilinear, antialiased) before the model and
   the probabilities resampled back to the input's grid; when the caller does not know the spacing, the
   scale factor used in training (``train_factor``) is applied.
@@ -43,7 +46,7 @@ class Conventions:
     in_plane_mm: float | None = 1.0
     train_factor: float = 1.0  # in-plane scale (new size / old size) of the training image
     coords: bool = False
-    roi: dict | None = None  # {"margin_mm": m, "boxes": {class: [[r, a, s] low, [r, a, s] high]}}
+    roi: dict | None = None  # {"margin_mm", "boxes": {class: [low, high]}, "near_mm", "points", "grid"}
     kind: str = "2.5d"
 
     def to_extra(self) -> dict[str, Any]:
@@ -114,30 +117,76 @@ def model_inputs(vol: torch.Tensor, conv: Conventions, index: torch.Tensor) -> t
     return x
 
 
-def painted_boxes(labels: np.ndarray, affine: np.ndarray, margin_mm: float) -> dict[str, Any]:
+def painted_boxes(
+    labels: np.ndarray, affine: np.ndarray, margin_mm: float, near_mm: float | None = None, cell_mm: float = 2.0
+) -> dict[str, Any]:
     """The ``roi`` record: per structure class ``k >= 1`` of ``labels`` (class indices, negative unpainted),
-    the RAS box of its voxels (the image's ``affine``: index → RAS mm), and the margin."""
-    boxes = {}
+    the RAS box of its voxels (the image's ``affine``: index → RAS mm), and the margin; with ``near_mm``
+    also the painted voxels as points (the centroid of each ``cell_mm`` cell they occupy, at most about 4000
+    per class: the cell grows until they fit) and the painted grid (shape, affine)."""
+    boxes, points = {}, {}
+    aff = np.asarray(affine, float)
     for k in sorted(int(v) for v in np.unique(labels) if v >= 1):
         idx = np.argwhere(labels == k).T
-        ras = (np.asarray(affine, float) @ np.vstack([idx, np.ones((1, idx.shape[1]))]))[:3]
+        ras = (aff @ np.vstack([idx, np.ones((1, idx.shape[1]))]))[:3]
         boxes[str(k)] = [ras.min(1).round(2).tolist(), ras.max(1).round(2).tolist()]
-    return {"margin_mm": float(margin_mm), "boxes": boxes}
+        if near_mm is not None:
+            points[str(k)] = _cell_centroids(ras.T, cell_mm).round(1).tolist()
+    roi: dict[str, Any] = {"margin_mm": float(margin_mm), "boxes": boxes}
+    if near_mm is not None:
+        roi.update(
+            near_mm=float(near_mm),
+            points=points,
+            grid={"shape": [int(n) for n in np.shape(labels)], "affine": aff.round(4).tolist()},
+        )
+    return roi
+
+
+def _cell_centroids(ras: np.ndarray, cell_mm: float, max_points: int = 4000) -> np.ndarray:
+    """``(P, 3)`` centroids of the ``cell_mm`` cells that hold the points ``ras (N, 3)`` (at most
+    ``max_points``: the cell doubles until they fit)."""
+    while True:
+        keys, inverse = np.unique(np.floor(ras / cell_mm).astype(np.int64), axis=0, return_inverse=True)
+        if len(keys) <= max_points:
+            break
+        cell_mm *= 2
+    inverse = inverse.reshape(-1)
+    sums = np.zeros((len(keys), 3))
+    np.add.at(sums, inverse, ras)
+    return sums / np.bincount(inverse, minlength=len(keys))[:, None]
+
+
+def on_grid(roi: dict, shape: tuple[int, ...], affine: np.ndarray, tol_mm: float = 0.01) -> bool:
+    """Whether an image of ``shape`` and ``affine`` lies on the grid the ``roi`` was painted on."""
+    grid = roi.get("grid")
+    if not grid or tuple(grid["shape"]) != tuple(shape):
+        return False
+    return bool(np.abs(np.asarray(grid["affine"], float) - np.asarray(affine, float)).max() <= tol_mm)
 
 
 def apply_roi(probs: np.ndarray, roi: dict, affine: np.ndarray) -> np.ndarray:
-    """Move each boxed class's probability outside its widened box to the background (in place)."""
+    """Move each boxed class's probability far from its paint to the background (in place): outside the box
+    widened by ``margin_mm``, and on the painted grid itself also farther than ``near_mm`` from every painted
+    point of the class."""
+    from scipy.spatial import cKDTree
+
     shape = probs.shape[1:]
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
     ras = grid @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
     margin = float(roi.get("margin_mm", 0.0))
+    near = roi.get("near_mm") if on_grid(roi, shape, affine) else None
     for k, (lo, hi) in (roi.get("boxes") or {}).items():
-        k = int(k)
-        if k >= len(probs):
+        if int(k) >= len(probs):
             continue
-        inside = np.all((ras >= np.asarray(lo) - margin) & (ras <= np.asarray(hi) + margin), 1).reshape(shape)
-        probs[0] += np.where(inside, 0.0, probs[k])
-        probs[k] *= inside
+        inside = np.all((ras >= np.asarray(lo) - margin) & (ras <= np.asarray(hi) + margin), 1)
+        pts = (roi.get("points") or {}).get(k)
+        if near is not None and pts:
+            where = np.flatnonzero(inside)
+            dist, _ = cKDTree(np.asarray(pts, float)).query(ras[where], distance_upper_bound=float(near))
+            inside[where[~np.isfinite(dist)]] = False
+        inside = inside.reshape(shape)
+        probs[0] += np.where(inside, 0.0, probs[int(k)])
+        probs[int(k)] *= inside
     return probs
 
 

@@ -254,6 +254,31 @@ def test_roi_moves_probability_outside_the_box_to_background():
     np.testing.assert_allclose(probs.sum(0), 1.0)
 
 
+def test_roi_on_the_painted_grid_keeps_only_what_is_near_the_paint():
+    """An L-shaped structure: its box holds a far corner that the paint never came near. On the painted grid
+    the far corner goes to background (farther than near_mm from every painted voxel); on another grid (a
+    follow-up study) only the widened box applies."""
+    affine = np.diag([5.0, 1.0, 1.0, 1.0])
+    labels = -np.ones((6, 40, 40), int)
+    labels[2] = 0
+    labels[2, 5:30, 5:8] = 1  # vertical bar
+    labels[2, 27:30, 5:30] = 1  # horizontal bar: the box spans 5..29 × 5..29
+    roi = slices25d.painted_boxes(labels, affine, margin_mm=2.0, near_mm=4.0)
+    assert roi["near_mm"] == 4.0 and roi["grid"]["shape"] == [6, 40, 40]
+    assert 0 < len(roi["points"]["1"]) <= 4000
+    probs = np.stack([np.full((6, 40, 40), 0.3), np.full((6, 40, 40), 0.7)]).astype(np.float32)
+    same = slices25d.apply_roi(probs.copy(), roi, affine)
+    assert same[1, 2, 10, 6] == pytest.approx(0.7) and same[1, 2, 28, 20] == pytest.approx(0.7)
+    assert same[1, 2, 8, 25] == 0  # inside the box, 17 mm from the paint
+    assert same[1, 1, 28, 20] == 0  # the next slice is 5 mm away > 4 mm
+    np.testing.assert_allclose(same.sum(0), 1.0)
+    moved = affine.copy()
+    moved[0, 3] = 0.5  # another series in the same frame: the box rules
+    other = slices25d.apply_roi(probs.copy(), roi, moved)
+    assert other[1, 2, 8, 25] == pytest.approx(0.7)
+    assert not slices25d.on_grid(roi, (6, 40, 40), moved) and slices25d.on_grid(roi, (6, 40, 40), affine)
+
+
 def test_headers_describing_the_same_grid_pass():
     affine = np.diag([6.5, 0.69, 0.69, 1.0])
     jitter = affine.copy()

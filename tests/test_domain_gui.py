@@ -90,3 +90,39 @@ def test_paint_next_dock_overlays_uncertainty_and_ranks_unpainted_slices(
     path = test_output / "widget_paint_next.png"
     viewer.screenshot(str(path), canvas_only=False)
     assert path.stat().st_size > 10_000
+
+
+def test_model_dock_runs_an_adapted_checkpoint_with_the_image_geometry(
+    make_napari_viewer, qtbot, data_dir, tmp_path
+):
+    """A checkpoint adapted from painted slices, run from the Model dock on the whole study: the dock passes the
+    layer's spacing and affine, so the labels equal ``medssl predict``'s (the library with the volume's
+    geometry) and stay near the paint (the recorded ROI: only slices within near_mm of the painted slice)."""
+    from napari_medssl import inference
+    from napari_medssl._widgets import ModelWidget
+    from napari_medssl.engine import adapt
+    from napari_medssl.engine.readers import read_any
+
+    vol = read_any(data_dir / T1POST)
+    painted = np.zeros(vol.data.shape, np.uint8)
+    painted[12] = 1
+    painted[12, 150:190, 150:190] = 2
+    cfg = adapt.AdaptConfig(out_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, crop=64)
+    events = list(adapt.adapt_events(vol.data, painted, cfg, tuple(vol.spacing[-2:]), vol.affine))
+    ckpt = events[-1]["best_path"]
+
+    viewer = make_napari_viewer()
+    image = viewer.open(str(data_dir / T1POST), plugin="napari-medssl")[0]
+    mw = ModelWidget(viewer)
+    viewer.window.add_dock_widget(mw, name="Model")
+    mw.select(ckpt, device="cpu")
+    mw.image_combo.setCurrentText(image.name)
+    mw.scope_combo.setCurrentText("whole volume")
+    mw.run()
+    qtbot.waitUntil(lambda: mw._worker is None, timeout=120_000)
+    seg = viewer.layers[f"{image.name} segmentation"].data
+    expected = inference.segment(mw.model(), vol.data, spacing=vol.spacing, affine=vol.affine)
+    assert np.array_equal(seg, expected)
+    far = np.ones(len(seg), bool)
+    far[11:14] = False  # 6.5 mm slices: only the painted slice and its neighbours lie within 10 mm
+    assert not seg[far].any()

@@ -43,6 +43,7 @@ from napari_medssl._widgets._common import load_model as load_model
 from napari_medssl._widgets._common import zoo_entries as zoo_entries
 from napari_medssl._widgets._session import ModelChoice, get_session
 from napari_medssl.io import grid_metadata
+from napari_medssl.io.layers import affine_from_layer
 
 SCOPES = ("current slice", "whole volume")
 NO_MODEL = "(no model)"
@@ -107,12 +108,15 @@ def run_model(
     progress_cb: Any,
     cancel: Any,
     mirror: tuple[int, ...] = (),
+    geometry: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Probabilities (classifier) or labels (segmenter) for an image, plane or volume (worker thread):
     :func:`napari_medssl.inference.predict`.
 
     ``mirror``: segmenters average with copies mirrored along these axes (test-time augmentation, see
-    :mod:`napari_medssl.inference`; the dock passes the axes the model's training flipped)."""
+    :mod:`napari_medssl.inference`; the dock passes the axes the model's training flipped).
+    ``geometry``: ``spacing`` (mm per axis) and ``affine`` (index → RAS) of the image, which a segmenter
+    adapted from painted slices uses as ``medssl predict`` does (its in-plane spacing, where it was painted)."""
     from napari_medssl import inference, mammo
 
     if model.spec.task == "classify" and mammo.pipeline_of(model) is not None:
@@ -126,6 +130,7 @@ def run_model(
     kw = dict(device=device, rgb=rgb, progress=progress_cb, cancel=cancel)
     if model.spec.task == "segment":
         kw["mirror"] = mirror
+        kw.update({k: v for k, v in (geometry or {}).items() if v is not None})
     return inference.predict(model, image, **kw)
 
 
@@ -311,6 +316,7 @@ class ModelWidget(QWidget):
             self._relay.progressed.emit,
             self._cancel,
             job["mirror"],
+            job.get("geometry"),
         )
         worker.returned.connect(lambda out: self._on_returned(model, layer, job, out))
         worker.finished.connect(self._on_finished)
@@ -329,9 +335,15 @@ class ModelWidget(QWidget):
             raise ValueError(f"{self.source()} is a 3D model and needs a volume; {layer.name!r} is 2D")
         whole = spatial == 2 or model_dims == 3 or self.scope_combo.currentText() == "whole volume"
         if whole:
-            return {"image": np.asarray(layer.data), "rgb": rgb, "plane": None}
+            data = np.asarray(layer.data)
+            spatial_shape = data.shape[:-1] if rgb else data.shape
+            geometry = {"spacing": tuple(float(s) for s in layer.scale[-len(spatial_shape) :])}
+            if len(spatial_shape) == 3:
+                geometry["affine"] = affine_from_layer(layer.metadata, spatial_shape, layer.scale, layer.translate)
+            return {"image": data, "rgb": rgb, "plane": None, "geometry": geometry}
         plane = current_plane(self.viewer, layer)
-        return {"image": plane.data, "rgb": False, "plane": plane}
+        spacing = tuple(float(layer.scale[a]) for a in plane.axes)
+        return {"image": plane.data, "rgb": False, "plane": plane, "geometry": {"spacing": spacing}}
 
     def cancel(self) -> None:
         """Ask the running inference to stop (it stops after the current batch)."""

@@ -58,7 +58,8 @@ class AdaptConfig:
     in_plane_mm: float | None = 1.0
     coords: bool = True  # position channels (CoordConv) added to a starting model without them
     roi_margin_mm: float | None = 12.0  # predictions kept within this distance of the painted box (None: off)
-    freeze_fraction: float = 0.15
+    near_mm: float | None = 10.0  # on the painted series: kept within this distance of the paint (None: box only)
+    freeze_fraction: float = 0.0  # 0.15 froze the start's encoder first: worse on every scenario (2026-12-03)
     first_checkpoint_s: float = 4.0
     checkpoint_every_s: float = 10.0
     seed: int = 0
@@ -423,7 +424,9 @@ def _setup(
     vol, lab, factor = prepare(image, painted, conv, spacing_yx)
     roi = None
     if affine is not None and cfg.roi_margin_mm is not None and np.ndim(painted) == 3:
-        roi = slices25d.painted_boxes(np.asarray(painted).astype(np.int64) - 1, affine, cfg.roi_margin_mm)
+        roi = slices25d.painted_boxes(
+            np.asarray(painted).astype(np.int64) - 1, affine, cfg.roi_margin_mm, cfg.near_mm
+        )
     conv = slices25d.Conventions(
         context=conv.context, in_plane_mm=conv.in_plane_mm, train_factor=factor, coords=conv.coords, roi=roi
     )
