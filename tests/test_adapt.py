@@ -307,3 +307,30 @@ def test_widen_input_keeps_the_function_and_adds_channels():
 def test_rgb_image_refused():
     with pytest.raises(ValueError, match="RGB"):
         adapt.preflight(np.zeros((64, 64, 3)), np.ones((64, 64), np.uint8), {"out_dir": "x"}, rgb=True)
+
+
+def test_pretrained_start_keeps_its_encoder_and_gets_a_fresh_decoder(tmp_path):
+    """The zoo's starting point: encoder weights as shipped, decoder and head re-initialised; a checkpoint
+    already adapted from paint is continued whole."""
+    image = np.random.default_rng(0).normal(size=(5, 40, 40)).astype(np.float32)
+    shipped = zoo.load(adapt.DEFAULT_START)
+    cfg = adapt.AdaptConfig(out_dir=str(tmp_path / "a"))
+    model, _ = adapt.start_model(None, 2, image, cfg)
+    ours, theirs = dict(model.named_parameters()), dict(shipped.named_parameters())
+    enc = [n for n in theirs if n.startswith("encoders.1.")]
+    dec = [n for n in theirs if n.startswith(("decoders.", "ups."))]
+    assert enc and dec
+    assert all(torch.equal(ours[n], theirs[n].float()) for n in enc)
+    assert not any(torch.equal(ours[n], theirs[n].float()) for n in dec if ours[n].numel() > 1)
+
+    painted = np.zeros(image.shape, np.uint8)
+    painted[2] = 1
+    painted[2, 10:20, 10:20] = 2
+    run = adapt.AdaptConfig(out_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, crop=32)
+    path = list(adapt.adapt_events(image, painted, run))[-1]["best_path"]
+    again, _ = adapt.start_model(path, 2, image, adapt.AdaptConfig(out_dir=str(tmp_path / "b")))
+    from napari_medssl.models.registry import load_model
+
+    adapted = dict(load_model(path).named_parameters())
+    cont = dict(again.named_parameters())
+    assert all(torch.equal(cont[n], adapted[n]) for n in dec)

@@ -9,8 +9,9 @@ for a one-minute budget on a CPU:
 - crops of ``crop`` pixels centred on painted voxels, each class drawn equally often (positive-balanced),
   only painted voxels count in the loss (cross-entropy + soft Dice);
 - strong augmentation: flips in-plane, rotation ±20°, scale 0.8–1.25, gamma, contrast, noise;
-- the starting model's encoder frozen for the first ``freeze_fraction`` of the budget (the decoder and head
-  adapt first), then everything trains; the learning rate decays on time;
+- a pretrained starting point keeps its encoder and gets a fresh decoder and head (``fresh_decoder``; a
+  checkpoint already adapted from paint keeps everything); optionally its encoder is frozen for the first
+  ``freeze_fraction`` of the budget (off by default); the learning rate decays on time;
 - ``best.safetensors`` written after ``first_checkpoint_s`` and then every ``checkpoint_every_s`` (there is
   no held-out paint to validate on, so the latest weights are kept), atomically;
 - ``preview_slice``: a prediction of that slice comes with every checkpoint (``{"event": "preview"}``).
@@ -60,6 +61,7 @@ class AdaptConfig:
     roi_margin_mm: float | None = 12.0  # predictions kept within this distance of the painted box (None: off)
     near_mm: float | None = 10.0  # on the painted series: kept within this distance of the paint (None: box only)
     freeze_fraction: float = 0.0  # 0.15 froze the start's encoder first: worse on every scenario (2026-12-03)
+    fresh_decoder: bool = True  # a pretrained start (not itself adapted from paint) keeps only its encoder
     first_checkpoint_s: float = 4.0
     checkpoint_every_s: float = 10.0
     seed: int = 0
@@ -178,6 +180,8 @@ def start_model(spec: str | None, num_classes: int, image: np.ndarray, cfg: Adap
                 f"{spec} takes {chans} input channels; a 2.5D model needs an odd number (1, 3 ...)"
             )
         conv = slices25d.Conventions(context=(chans - 1) // 2, in_plane_mm=cfg.in_plane_mm)
+    if cfg.fresh_decoder and info["source"] != "fresh" and "adapt" not in (info.get("extra") or {}):
+        reset_decoder(model, cfg.seed)
     if cfg.coords and not conv.coords:
         widen_input(model, 2)
         conv = slices25d.Conventions(context=conv.context, in_plane_mm=conv.in_plane_mm, coords=True)
@@ -186,6 +190,20 @@ def start_model(spec: str | None, num_classes: int, image: np.ndarray, cfg: Adap
             f"{spec}: its checkpoint records {conv.in_chans} channels but the model takes {chans}"
         )
     return model, conv
+
+
+def reset_decoder(model: Any, seed: int = 0) -> None:
+    """Give a pretrained U-Net-like ``model`` a freshly initialised decoder and head (``ups``, ``decoders``,
+    ``head``), keeping its encoder: the starting point's decoder learned its pretraining targets (synthetic
+    lesions), which transferred worse to a patient's follow-up study than a fresh one (2026-12-03 study)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed + 2000)
+    try:
+        for name, module in model.named_modules():
+            if name.split(".")[0] in ("ups", "decoders", "head") and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    finally:
+        torch.random.set_rng_state(gen_state)
 
 
 def widen_input(model: Any, extra: int) -> None:
