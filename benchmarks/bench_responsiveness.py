@@ -8,6 +8,9 @@ fine-tune (tiny U-Net on painted slices of a hippocampus volume) runs, in one ru
   second into the live curve and ETA of its progress window (a separate top-level window).
 - ``process, curve docked``: the same, with the progress window's contents embedded in the dock inside napari's
   main window instead (the layout before the progress window existed), to show what the separate window buys.
+- ``process, adaptation``: the Fine-tune dock's fast 2.5D adaptation (``FinetuneWidget.start_adapt``: the
+  default starting point on the same painted volume, in a spawned process, with a preview of the current slice
+  drawn into the viewer at every checkpoint).
 - ``thread``: the same generator (``finetune_events``) in a napari ``thread_worker`` inside the viewer process,
   its events into the same plot.
 
@@ -150,6 +153,20 @@ class Scenarios:
         fw.stop()
         return res
 
+    def in_adapt(self) -> dict[str, float]:
+        fw, app, rec = self.fw, self.app, self.rec
+        fw.plot.clear()
+        proc = fw.start_adapt(None)
+        assert proc is not None, "the adaptation did not start"
+        pump(app, 120, until=lambda: len(fw.plot.points("loss")) >= 1)
+        n0, t0 = len(fw.plot.points("loss")), time.perf_counter()
+        rec.start()
+        pump(app, self.seconds, until=lambda: proc.finished)
+        res = rec.stop()
+        res["steps/s"] = (len(fw.plot.points("loss")) - n0) / (time.perf_counter() - t0)
+        fw.stop()
+        return res
+
     def in_process_undrawn(self, k: int) -> dict[str, float]:
         from qtpy.QtCore import QTimer
 
@@ -227,6 +244,12 @@ def run(seconds: float, rounds: int) -> list[tuple[str, dict[str, float]]]:
             (
                 f"separate process, Fine-tune dock + progress window (round {k + 1})",
                 {**b.in_process(), "load": load()[0]},
+            )
+        )
+        results.append(
+            (
+                f"separate process, adaptation from painted slices (round {k + 1})",
+                {**b.in_adapt(), "load": load()[0]},
             )
         )
         b.dock_monitor(True)

@@ -481,6 +481,8 @@ class FinetuneWidget(QWidget):
         except Exception as err:
             report_error(err, "Cannot start fine-tuning")
             return None
+        if cfg["preview_slice"] is not None:
+            self._preview_layer()
         self._started(
             proc,
             Path(cfg["out_dir"]),
@@ -502,9 +504,20 @@ class FinetuneWidget(QWidget):
 
     def show_preview(self, ev: dict) -> None:
         """Show a checkpoint's prediction of one slice in a ``fine-tune preview`` Labels layer."""
+        layer = self._preview_layer()
+        if layer is None:
+            return
+        z = int(ev["slice"])
+        if 0 <= z < layer.data.shape[0] and layer.data.shape[1:] == ev["labels"].shape:
+            layer.data[z] = ev["labels"]
+            layer.refresh()
+
+    def _preview_layer(self) -> Any:
+        """The image's ``fine-tune preview`` Labels layer, added when missing (at Start: adding a layer costs a
+        few hundred ms of the event loop, which must not fall in the middle of the user's painting)."""
         image = self.image_combo.layer()
         if image is None or image.ndim != 3:
-            return
+            return None
         name = f"{image.name} fine-tune preview"
         if name not in self.viewer.layers:
             self.viewer.add_labels(
@@ -516,11 +529,7 @@ class FinetuneWidget(QWidget):
                 colormap=annotation_colors(self._class_names()),
                 metadata={"medssl": {"prediction": True}},
             )
-        layer = self.viewer.layers[name]
-        z = int(ev["slice"])
-        if 0 <= z < layer.data.shape[0] and layer.data.shape[1:] == ev["labels"].shape:
-            layer.data[z] = ev["labels"]
-            layer.refresh()
+        return self.viewer.layers[name]
 
     def show_progress(self) -> None:
         """Show the progress window (live curve and ETA) beside the viewer."""
