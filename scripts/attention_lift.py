@@ -5,7 +5,8 @@ computes it (same functions, same default resolution): median and bootstrap 95 %
         [--model runs/x/best.safetensors] [--size N] [--json out.json]
 
 Held out (never trained on by dino_tiny_medical or the CPU continuation of it; the card's validation split,
-seed 0): the 40 mini-MIAS mammograms of 20 women listed in ``models/dino_tiny_medical/card.yaml`` (``1:mdb…``),
+seed 0): the 42 mini-MIAS mammograms of 21 women in ``models/splits/dino_tiny_medical_seed0.json``'s ``val`` (``1:mdb…``,
+as the card's ``split.val_ids`` lists them),
 and every non-constant slice of the four MR series of TCIA PGBM-001's 1991-11-19 study (T1post, T1prereg,
 FLAIRreg, T2reg; ``--mr-step 2``: every second one).
 
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from napari_medssl import overlays, zoo
 from napari_medssl.engine import readers
@@ -34,6 +34,7 @@ from napari_medssl.engine.metrics import grouped_bootstrap
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDSSL_DATA_DIR", REPO.parent / "shared" / "data"))
+SPLIT = REPO / "models" / "splits" / "dino_tiny_medical_seed0.json"
 MR_STUDY = "dicom/tcia_btp_PGBM-001/11-19-1991-FH-HEADBrain Protocols-40993"
 MR_SERIES = ("11-T1post-03326", "10008-T1prereg-91470", "35637-FLAIRreg-16386", "37910-T2reg-84816")
 
@@ -41,8 +42,8 @@ MR_SERIES = ("11-T1post-03326", "10008-T1prereg-91470", "35637-FLAIRreg-16386", 
 def held_out(mr_step: int = 1) -> dict[str, list[tuple[str, str, overlays.Plane]]]:
     """``{"mammograms": [(group, name, plane)], "MR slices": [...]}``: the card's held-out images (every
     ``mr_step``-th non-constant MR slice)."""
-    card = yaml.safe_load((REPO / "models" / "dino_tiny_medical" / "card.yaml").read_text())
-    mias = sorted(i.split(":", 1)[1] for i in card["split"]["val_ids"] if i.startswith("1:"))
+    val = json.loads(SPLIT.read_text())["val"]
+    mias = sorted(i.split(":", 1)[1] for i in val if i.startswith("1:"))
     out: dict[str, list] = {"mammograms": [], "MR slices": []}
     for stem in mias:
         img = readers.read_any(DATA / "mammography_mias" / f"{stem}.png")

@@ -4,8 +4,9 @@ see ``zoo.ZOO_URL``), the card to ``napari_medssl/zoo_cards/<name>.yaml`` (shipp
 
 Steps: (1) take ``RUN/best.safetensors``; ``--fp16`` stores the weights as float16 (they load into float32
 models; needed to stay under 10 MB for models that carry a ViT), ``--dino-backbone`` keeps only a DINO run's
-teacher ViT (saved as a ``vit_*`` checkpoint: what ``attention_maps`` and ``dinocnn_*`` use), and
-``--drop-config KEY`` removes a build-time key (a ``dino_checkpoint`` path; the weights are in the file);
+teacher ViT (saved as a ``vit_*`` checkpoint: what ``attention_maps`` and ``dinocnn_*`` use; ``--vit-size N``
+sets its input size, e.g. 64 for a DINO continued on 512-px images), and ``--drop-config KEY`` removes a
+build-time key (a ``dino_checkpoint`` path; the weights are in the file);
 (2) publish with :func:`napari_medssl.zoo.publish`; (3) with ``--data``, run ``medssl evaluate`` on the
 published zoo model's validation split and re-write the card with those metrics and that exact command;
 ``--also-tta`` (segmenters) runs it a second time with ``--tta`` (mirroring test-time augmentation) and adds
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from napari_medssl import zoo  # noqa: E402
+from napari_medssl.models.layers.pos_embed import resize_pos_embed  # noqa: E402
 from napari_medssl.models.registry import create_model, read_checkpoint, save_model  # noqa: E402
 from napari_medssl.models.spec import attach_spec  # noqa: E402
 
@@ -73,10 +75,16 @@ LICENCE = {
 
 
 def convert(
-    run: Path, fp16: bool, dino_backbone: bool, drop: list[str], class_names: list[str] | None = None
+    run: Path,
+    fp16: bool,
+    dino_backbone: bool,
+    drop: list[str],
+    class_names: list[str] | None = None,
+    vit_size: int | None = None,
 ) -> Path:
     """The file to publish: ``best.safetensors`` as is, or re-saved (fp16 / backbone only / config trimmed /
-    class names set)."""
+    class names set). ``vit_size``: the published DINO backbone's input size (default: the DINO's own), its
+    position table resized to that grid."""
     src = run / "best.safetensors"
     if not (fp16 or dino_backbone or drop or class_names):
         return src
@@ -99,9 +107,14 @@ def convert(
         dino = create_model(name, **config)
         vit = dino.backbone
         vit_cfg = {k: getattr(vit, k) for k in ("embed_dim", "depth", "num_heads") if hasattr(vit, k)}
+        vit_cfg["img_size"] = list(vit.input_size) if vit_size is None else vit_size
         model = create_model("vit_tiny" if name.endswith("tiny") else "vit_small", **vit_cfg)
         own = model.state_dict()
         sub = {k: v for k, v in sub.items() if k in own}
+        if sub["pos_embed"].shape != own["pos_embed"].shape:  # --vit-size: the fixed table on the new grid
+            pos = sub["pos_embed"]
+            grid = resize_pos_embed(pos[:, 1:], vit.base_grid, model.base_grid)
+            sub["pos_embed"] = torch.cat([pos[:, :1], grid], dim=1)
         model.load_state_dict(sub, strict=True)
         extra = {**extra, "task": "pretrain", "dino_source": f"{name} teacher backbone"}
     else:
@@ -150,6 +163,12 @@ def main() -> None:
     p.add_argument("--description", required=True)
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--dino-backbone", action="store_true")
+    p.add_argument(
+        "--vit-size",
+        type=int,
+        help="with --dino-backbone: the ViT's input size (default: the DINO's img_size), e.g. 64 for a DINO "
+        "continued on 512-px images whose fixed position table is the 64-px one resized",
+    )
     p.add_argument("--drop-config", action="append", default=[])
     p.add_argument("--note", action="append", default=[])
     p.add_argument("--eval-batch-size", type=int, default=16)
@@ -162,7 +181,7 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    ckpt = convert(args.run, args.fp16, args.dino_backbone, args.drop_config, args.class_names)
+    ckpt = convert(args.run, args.fp16, args.dino_backbone, args.drop_config, args.class_names, args.vit_size)
     split = json.loads((args.run / "split.json").read_text())
     cfg_path = args.run / "config.json"  # absent for a model that was not trained itself (an ensemble)
     train_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
