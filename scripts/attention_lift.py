@@ -39,23 +39,31 @@ MR_STUDY = "dicom/tcia_btp_PGBM-001/11-19-1991-FH-HEADBrain Protocols-40993"
 MR_SERIES = ("11-T1post-03326", "10008-T1prereg-91470", "35637-FLAIRreg-16386", "37910-T2reg-84816")
 
 
-def held_out(mr_step: int = 1) -> dict[str, list[tuple[str, str, overlays.Plane]]]:
+def held_out(
+    mr_step: int = 1, part: str = "val", mg_step: int = 1
+) -> dict[str, list[tuple[str, str, overlays.Plane]]]:
     """``{"mammograms": [(group, name, plane)], "MR slices": [...]}``: the card's held-out images (every
-    ``mr_step``-th non-constant MR slice)."""
-    val = json.loads(SPLIT.read_text())["val"]
-    mias = sorted(i.split(":", 1)[1] for i in val if i.startswith("1:"))
+    ``mr_step``-th non-constant MR slice, every ``mg_step``-th mammogram). ``part="train"``: the training
+    images of the same split instead (its mammograms; the MR series of PGBM-001's other study and PGBM-005), to
+    choose between models without looking at the held-out images."""
+    ids = json.loads(SPLIT.read_text())[part]
+    mias = sorted(i.split(":", 1)[1] for i in ids if i.startswith("1:"))[::mg_step]
     out: dict[str, list] = {"mammograms": [], "MR slices": []}
     for stem in mias:
         img = readers.read_any(DATA / "mammography_mias" / f"{stem}.png")
         woman = f"w{(int(stem[3:]) + 1) // 2}"
         out["mammograms"].append((woman, stem, overlays.take_plane(np.asarray(img.data), rgb=img.rgb)))
-    for series in MR_SERIES:
-        vol = np.asarray(readers.read_any(DATA / MR_STUDY / series).data)
+    if part == "val":
+        series = [DATA / MR_STUDY / s for s in MR_SERIES]
+    else:
+        roots = {"2": DATA / "dicom" / "tcia_btp_PGBM-001", "3": DATA / "dicom" / "tcia_btp_PGBM-005_T1post"}
+        series = [roots[i[0]] / i[2:] for i in ids if i[0] in roots]
+    for path in series:
+        vol = np.asarray(readers.read_any(path).data)
+        name = path.name if part == "val" else f"{path.parent.name}/{path.name}"
         for z in range(0, vol.shape[0], mr_step):
             if vol[z].max() > vol[z].min():
-                out["MR slices"].append(
-                    (f"{series}/{z}", f"{series}/{z}", overlays.take_plane(vol, (z, 0, 0)))
-                )
+                out["MR slices"].append((f"{name}/{z}", f"{name}/{z}", overlays.take_plane(vol, (z, 0, 0))))
     return out
 
 
@@ -112,9 +120,16 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mr-step", type=int, default=1, help="every N-th MR slice (default 1: all)")
+    p.add_argument("--mg-step", type=int, default=1, help="every N-th mammogram (default 1: all)")
+    p.add_argument(
+        "--images",
+        choices=("val", "train"),
+        default="val",
+        help="val: the held-out images (default); train: the split's training images, to pick between models",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    images = held_out(args.mr_step)
+    images = held_out(args.mr_step, args.images, args.mg_step)
     results = {}
     for spec in args.model:
         model = zoo.load(spec).eval()
