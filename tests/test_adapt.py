@@ -50,29 +50,31 @@ def painted_crop(data_dir, tmp_path_factory) -> dict:
     return {"dir": d, "image": image, "painted": painted, "affine": affine, "spacing": img.spacing}
 
 
-def test_cli_finetune_labels_then_predict(painted_crop, data_dir, tmp_path, capsys):
-    d = painted_crop["dir"]
-    before = (d / "painted.nii.gz").read_bytes()
-    out = tmp_path / "run"
-    argv = [
+def finetune_argv(data, labels, model: str, out, max_steps: int) -> list[str]:
+    """``medssl finetune --task segment --data ... --labels ... --model ... --out ... --max-steps ...``."""
+    return [
         "finetune",
         "--task",
         "segment",
         "--data",
-        str(d / "t1post.nii.gz"),
+        str(data),
         "--labels",
-        str(d / "painted.nii.gz"),
+        str(labels),
         "--model",
-        "unet_tiny",
+        model,
         "--out",
         str(out),
-        "--max-minutes",
-        "5",
         "--max-steps",
-        "3",
-        "--batch-size",
-        "2",
+        str(max_steps),
     ]
+
+
+def test_cli_finetune_labels_then_predict(painted_crop, data_dir, tmp_path, capsys):
+    d = painted_crop["dir"]
+    before = (d / "painted.nii.gz").read_bytes()
+    out = tmp_path / "run"
+    argv = finetune_argv(d / "t1post.nii.gz", d / "painted.nii.gz", "unet_tiny", out, 3)
+    argv += ["--max-minutes", "5", "--batch-size", "2"]
     assert main(argv) == 0
     assert (d / "painted.nii.gz").read_bytes() == before  # nothing the user painted is touched
     model = zoo.load(out / "best.safetensors")
@@ -216,23 +218,7 @@ def test_bad_inputs_refused_before_training(painted_crop, tmp_path, capsys, case
     labels = io.write_nifti(tmp_path / "labels.nii.gz", painted, affine)
     before = Path(labels).read_bytes()
     out = tmp_path / "run"
-    argv = [
-        "finetune",
-        "--task",
-        "segment",
-        "--data",
-        str(d / "t1post.nii.gz"),
-        "--labels",
-        labels,
-        "--model",
-        model,
-        "--out",
-        str(out),
-        "--max-minutes",
-        "1",
-        "--max-steps",
-        "2",
-    ]
+    argv = finetune_argv(d / "t1post.nii.gz", labels, model, out, 2) + ["--max-minutes", "1"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
