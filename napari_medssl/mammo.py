@@ -52,6 +52,9 @@ DEFAULT_PIPELINE: dict[str, Any] = {
 }
 
 
+AUGMENTATIONS = ("flip", "strong")  # PatchSampler's training-patch augmentations
+
+
 def pipeline_of(model: Any) -> dict[str, Any] | None:
     """The mammography pipeline a model's checkpoint records (``extra["mammo"]``), or ``None``."""
     mammo = model.spec.extra.get("mammo")
@@ -203,6 +206,9 @@ class PatchSampler:
         jitter: the finding's centre lies within this many pixels of the window's centre (at most half the
             window minus 8).
         seed: random seed.
+        augment: ``"flip"`` (random horizontal and vertical flips; the runs of 2026-12-03) or ``"strong"``
+            (flips, a random transpose, so all 8 right-angle rotations/reflections, and a per-patch intensity
+            jitter: gamma in [0.8, 1.25], contrast × [0.9, 1.1]; 0 stays 0, values clipped to [0, 1]).
     """
 
     def __init__(
@@ -212,8 +218,11 @@ class PatchSampler:
         finding_fraction: float = 0.5,
         jitter: int = 32,
         seed: int = 0,
+        augment: str = "flip",
     ) -> None:
-        self.images, self.patch, self.fraction = images, patch, finding_fraction
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+        self.images, self.patch, self.fraction, self.augment = images, patch, finding_fraction, augment
         self.jitter = min(jitter, patch // 2 - 8)
         self.rng = np.random.default_rng(seed)
         self.findings = [(i, f) for i, im in enumerate(images) for f in im.findings]
@@ -261,7 +270,20 @@ class PatchSampler:
         x[flip_x] = x[flip_x][..., ::-1]
         flip_y = self.rng.random(n) < 0.5
         x[flip_y] = x[flip_y][..., ::-1, :]
+        if self.augment == "strong":
+            x = self._strong(x)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(ys)
+
+    def _strong(self, x: np.ndarray) -> np.ndarray:
+        """Random transpose (with the flips: the 8 right-angle symmetries) and intensity jitter of ``(n, 1,
+        p, p)`` patches in [0, 1]."""
+        n = len(x)
+        swap = self.rng.random(n) < 0.5
+        x[swap] = np.swapaxes(x[swap], -1, -2)
+        gamma = np.exp(self.rng.uniform(np.log(0.8), np.log(1.25), n)).astype(np.float32)
+        gain = self.rng.uniform(0.9, 1.1, n).astype(np.float32)
+        x = np.clip(np.power(np.clip(x, 0, 1), gamma[:, None, None, None]) * gain[:, None, None, None], 0, 1)
+        return x.astype(np.float32, copy=False)
 
 
 # -- sliding window -------------------------------------------------------------------------------------------

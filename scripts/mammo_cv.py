@@ -58,6 +58,7 @@ def checkpoint_extra(method: str, args: argparse.Namespace, trained_on: list[str
             "finetune_steps": args.finetune_steps,
             "batch_size": args.batch_size,
             "finetune_lr": args.lr,
+            "augment": args.augment,
             "trained_on_images": len(trained_on),
             "encoder": encoder_of(args),
             "script": "scripts/mammo_cv.py",
@@ -93,6 +94,35 @@ def evaluate_fold(model: torch.nn.Module, images: list[mammo.MammoImage], batch_
     return rows
 
 
+def patch_scores(model: torch.nn.Module, test: list[mammo.MammoImage], args: argparse.Namespace) -> dict:
+    """Abnormal probability of ``--patch-eval`` labelled held-out patches (half finding, half normal tissue;
+    drawn as in training, flips only, a fixed seed): separates the patch classifier from the image scoring."""
+    if args.patch_eval <= 0 or not any(im.findings for im in test):
+        return {"probs": [], "labels": []}
+    sampler = mammo.PatchSampler(test, seed=args.seed + 5000)
+    x, y = sampler.batch(args.patch_eval, labelled=True)
+    probs = mammo.window_probabilities(model, x[:, 0].numpy(), args.eval_batch)
+    return {"probs": probs.tolist(), "labels": y.tolist()}
+
+
+def patch_summary(mdir: Path, folds: int) -> dict:
+    """Patch-level AUC per held-out fold and pooled (``{}`` when the fold files have no patch scores)."""
+    from napari_medssl.engine.metrics import roc_auc
+
+    per, probs, labels = [], [], []
+    for f in range(folds):
+        path = mdir / f"fold{f}_patches.json"
+        if not path.is_file():
+            return {}
+        d = json.loads(path.read_text())
+        if len(set(d["labels"])) < 2:
+            return {}
+        per.append(roc_auc(np.array(d["probs"]), np.array(d["labels"])))
+        probs += d["probs"]
+        labels += d["labels"]
+    return {"patch_auc_folds": per, "patch_auc_pooled": roc_auc(np.array(probs), np.array(labels))}
+
+
 def summarise(rows: list[dict]) -> dict:
     labels = np.array([r["abnormal"] for r in rows])
     groups = [r["woman"] for r in rows]
@@ -124,7 +154,7 @@ def train_classifier(
     """Fine-tune ``method``'s patch classifier (from ``pre``) on ``train`` and save it to ``path``."""
     torch.manual_seed(seed)
     model = mt.classifier_from(method, pre, encoder_of(args), args.device)
-    sampler = mammo.PatchSampler(train, seed=seed + 100)
+    sampler = mammo.PatchSampler(train, seed=seed + 100, augment=args.augment)
     what = f"{method} {path.stem}"
     mt.finetune(
         model, sampler, args.finetune_steps, args.batch_size, lr=args.lr, log=lambda m: log(m, out), what=what
@@ -137,13 +167,13 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
     mdir = out / method
     mdir.mkdir(parents=True, exist_ok=True)
     pre = None
-    if method != "scratch":
+    if method not in mt.SUPERVISED_ONLY:
         pre_path = mdir / "pretrained.safetensors"
         if pre_path.is_file():
             pre = load_model(pre_path, map_location=args.device)
         else:
             torch.manual_seed(args.seed)
-            sampler = mammo.PatchSampler(images, seed=args.seed)
+            sampler = mammo.PatchSampler(images, seed=args.seed, augment=args.augment)
             pre = mt.pretrain(
                 method,
                 sampler,
@@ -166,6 +196,9 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
         model = train_classifier(method, pre, train, args.seed + f, mdir / f"fold{f}.safetensors", args, out)
         fold_rows = [dict(r, fold=f) for r in evaluate_fold(model, test, args.eval_batch)]
         fold_json.write_text(json.dumps(fold_rows))
+        patch_json = mdir / f"fold{f}_patches.json"
+        if not patch_json.is_file():
+            patch_json.write_text(json.dumps(patch_scores(model, test, args)))
         rows += fold_rows
         log(
             f"{method} fold {f}: {summarise(fold_rows) if len({r['abnormal'] for r in fold_rows}) > 1 else ''}",
@@ -175,9 +208,11 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
         "method": method,
         **summarise(rows),
         "folds": args.folds,
-        "pretrain_steps": 0 if method == "scratch" else args.pretrain_steps,
+        "pretrain_steps": 0 if method in mt.SUPERVISED_ONLY else args.pretrain_steps,
         "finetune_steps": args.finetune_steps,
         "batch_size": args.batch_size,
+        "augment": args.augment,
+        **patch_summary(mdir, args.folds),
     }
     (mdir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(f"SUMMARY {json.dumps(summary)}", out)
@@ -213,6 +248,13 @@ def paired_difference(
     return diff(ids), float(lo), float(hi)
 
 
+def roc_auc_of(rows: list[dict]) -> float:
+    """Image AUC (top-k score) of some rows; NaN when a class is missing."""
+    from napari_medssl.engine.metrics import roc_auc
+
+    return roc_auc(np.array([r["score_topk"] for r in rows]), np.array([r["abnormal"] for r in rows]))
+
+
 def table(out: Path, methods: list[str]) -> str:
     """Markdown table of the finished methods' summaries and paired AUC differences against MIRAM."""
     rows, per = [], {}
@@ -223,14 +265,17 @@ def table(out: Path, methods: list[str]) -> str:
         per[m] = [r for f in range(s["folds"]) for r in json.loads((out / m / f"fold{f}.json").read_text())]
         lo, hi = s["auc_topk_ci95"]
         lo_m, hi_m = s["auc_max_ci95"]
+        folds = [roc_auc_of([r for r in per[m] if r.get("fold") == f]) for f in range(s["folds"])]
+        patch = s.get("patch_auc_pooled")
         rows.append(
             f"| {m} | {s['pretrain_steps']} + {s['finetune_steps']} | {s['auc_topk']:.3f} ({lo:.3f}–{hi:.3f}) | "
             f"{s['auc_max']:.3f} ({lo_m:.3f}–{hi_m:.3f}) | {s['peak_hits']}/{s['n_marked']} "
-            f"({100 * s['peak_hit_rate']:.0f} %) |"
+            f"({100 * s['peak_hit_rate']:.0f} %) | {', '.join(f'{a:.3f}' for a in folds)} | "
+            f"{'—' if patch is None else f'{patch:.3f}'} |"
         )
     head = (
         "| method | steps (pretrain + fine-tune) | AUC top-3 mean (95 % CI) | AUC max (95 % CI) | "
-        "heatmap peak in finding |\n|---|---|---|---|---|"
+        "heatmap peak in finding | per-fold AUC (top-3) | patch AUC (held-out) |\n|---|---|---|---|---|---|---|"
     )
     lines = [head, *rows]
     if "miram" in per:
@@ -255,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning peak learning rate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--augment", default="flip", choices=mammo.AUGMENTATIONS, help="training-patch augmentation (all methods)"
+    )
+    ap.add_argument(
+        "--patch-eval", type=int, default=256, help="held-out labelled patches per fold for the patch-level AUC"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast in training on cuda)")
     ap.add_argument("--eval-batch", type=int, default=32, help="windows per forward pass when scoring")

@@ -20,7 +20,7 @@ from napari_medssl.engine.cli import main as cli_main
 from napari_medssl.engine.data import mias_woman
 from napari_medssl.engine.metrics import bootstrap_auc
 from napari_medssl.engine.readers import read_image
-from napari_medssl.models.registry import create_model, save_model
+from napari_medssl.models.registry import create_model, load_model, save_model
 from napari_medssl.models.spec import attach_spec
 
 
@@ -207,3 +207,38 @@ def test_methods_pretrain_and_finetune_one_step() -> None:
     assert clf(torch.rand(2, 1, 128, 128)).shape == (2, 2)
     with pytest.raises(ValueError):
         mt.pretrain("scratch", sampler, steps=1)
+
+
+def test_cnn_method_trains_saves_loads_and_maps(tmp_path: Path) -> None:
+    sampler = mammo.PatchSampler([_synthetic_image()], patch=128, seed=2, augment="strong")
+    assert "cnn" in mt.SUPERVISED_ONLY
+    with pytest.raises(ValueError):
+        mt.pretrain("cnn", sampler, steps=1)
+    torch.manual_seed(0)
+    clf = mt.classifier_from("cnn", None, encoder={"embed_dim": 64})  # ViT sizes do not apply to the CNN
+    assert clf.spec.name == "cnn_tiny" and clf.spec.task == "classify" and clf.spec.input_size is None
+    before = clf.fc.weight.detach().clone()
+    assert mt.finetune(clf, sampler, steps=2, batch_size=4, warmup=1) is clf
+    assert not torch.equal(before, clf.fc.weight)  # two optimiser steps moved the head
+    extra = {"task": "classify", "class_names": ["normal", "abnormal"], "mammo": dict(mammo.DEFAULT_PIPELINE)}
+    back = load_model(save_model(clf, tmp_path / "cnn.safetensors", extra)).eval()  # BatchNorm: eval stats
+    x = torch.rand(3, 1, 128, 128)
+    assert torch.allclose(back(x), clf(x), atol=1e-6)
+    im = _synthetic_image()
+    res = mammo.score_crop(back, im.crop, mammo.pipeline_of(back))
+    assert res["heatmap"].shape == im.crop.image.shape and res["heatmap"].dtype == np.float32
+    assert 0.0 <= res["score"] <= 1.0
+
+
+def test_strong_augmentation_keeps_labels_and_range() -> None:
+    with pytest.raises(ValueError, match="augment"):
+        mammo.PatchSampler([_synthetic_image()], augment="mixup")
+    plain = mammo.PatchSampler([_synthetic_image()], patch=128, seed=3)
+    strong = mammo.PatchSampler([_synthetic_image()], patch=128, seed=3, augment="strong")
+    xp, yp = plain.batch(32)
+    xs, ys = strong.batch(32)
+    assert torch.equal(yp, ys)  # the same draws, only the pixels change
+    assert xs.shape == xp.shape and xs.dtype == torch.float32 and 0.0 <= xs.min() and xs.max() <= 1.0
+    assert not torch.equal(xs, xp)
+    # background (0) stays 0: the amount of zero pixels per patch is unchanged by transpose and gamma
+    assert torch.equal((xs == 0).flatten(1).sum(1), (xp == 0).flatten(1).sum(1))

@@ -5,9 +5,10 @@ engine's whole-image samples; ``scripts/mammo_cv.py`` drives it for the cross-va
 zoo models. Every run is a fixed number of steps (AdamW, linear warm-up, cosine decay): nothing is selected
 on a held-out fold.
 
-- :data:`METHODS`: the four compared models (same encoder width/depth/token count, 128² patches at 200 µm):
+- :data:`METHODS`: the four compared ViT models (same encoder width/depth/token count, 128² patches at 200 µm):
   MIRAM (encoder on the 64² low-resolution view, patch 4; Nyström decoder reconstructing the 128² patch as
-  32 × 32 = 1024 tokens), MAE and MSMAE (patch 8 on the 128² patch), and a from-scratch ViT.
+  32 × 32 = 1024 tokens), MAE and MSMAE (patch 8 on the 128² patch), a from-scratch ViT; and a small
+  convolutional baseline (``cnn``: ``cnn_tiny``, a reduced-width ResNet, supervised only).
 - :func:`pretrain` / :func:`finetune`: the loops; :func:`classifier_from` builds the classifier of a method,
   initialised from its pretrained weights.
 - :func:`woman_folds`: k folds of women (both images of a woman in one fold), abnormal women spread evenly.
@@ -48,7 +49,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "mae": ("mae_tiny", dict(img_size=128, patch_size=8, **_ENC, **_DEC)),
     "msmae": ("msmae_tiny", dict(img_size=128, patch_size=8, **_ENC, **_DEC)),
     "scratch": ("vit_tiny", dict(img_size=128, patch_size=8, **_ENC)),
+    "cnn": ("cnn_tiny", dict(in_chans=1)),
 }
+#: methods trained from scratch, supervised only (no self-supervised pretraining)
+SUPERVISED_ONLY = frozenset({"scratch", "cnn"})
+#: methods whose encoder size the ``encoder`` overrides (embed_dim, depth, num_heads) set
+VIT_METHODS = frozenset({"miram", "mae", "msmae", "scratch"})
 
 Log = Callable[[str], Any] | None
 
@@ -71,10 +77,12 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
 
 def build(method: str, num_classes: int = 0, **encoder: Any) -> torch.nn.Module:
     """The method's model (``num_classes=0``: for pretraining; 2: a patch classifier); ``encoder`` overrides
-    the encoder size (``embed_dim``, ``depth``, ``num_heads``) for every method alike."""
+    the encoder size (``embed_dim``, ``depth``, ``num_heads``) for every ViT method alike (the CNN ignores it)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     name, cfg = METHODS[method]
+    if method not in VIT_METHODS:
+        encoder = {}  # the CNN has its own fixed size
     return create_model(name, **{**cfg, **encoder}, num_classes=num_classes)
 
 

@@ -32,6 +32,7 @@ _FAMILY_MODULES = (
     "dino_cnn",
     "emf_former",
     "unet",
+    "cnn",
     "ensemble",
 )
 _loaded = False
