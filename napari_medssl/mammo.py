@@ -39,7 +39,9 @@ from napari_medssl.transforms import normalize_intensity
 
 DEFAULT_PIPELINE: dict[str, Any] = {
     "patch": 128,  # window side in pixels of the input grid (mini-MIAS: 200 µm → 25.6 mm)
-    "pixel_um": 200,  # the resolution the model was trained at (the input's own, no resampling)
+    "pixel_um": 200,  # the resolution the model was trained at (the input's pixels × scale)
+    "scale": 1,  # the breast crop is reduced by this integer factor (block mean) before the windows: 2 → each
+    # 128-px window sees 256 input pixels (51 mm at 200 µm), context for large masses and asymmetries
     "stride": 96,  # sliding-window step (window centres ≤ 68 px from any point)
     "crop": "threshold+largest-component",
     "threshold": 0.08,  # fraction of the image's 99th percentile that counts as tissue
@@ -48,6 +50,7 @@ DEFAULT_PIPELINE: dict[str, Any] = {
     "refine_step": 32,  # a window needs this fraction of breast to be scored
     "aggregate": "topk",  # "max" or "topk" (mean of the k best windows)
     "topk": 3,
+    "tta": False,  # average each window's probability over its 8 right-angle rotations/reflections
     "finding_margin": 16,  # pixels added to a finding's radius for the heatmap-peak test
 }
 
@@ -99,16 +102,52 @@ def breast_mask(image: np.ndarray, threshold: float = DEFAULT_PIPELINE["threshol
 @dataclass
 class BreastCrop:
     """A breast cut out of its image: ``image`` (float32 in [0, 1]) and ``mask`` on the crop's grid;
-    ``box = (y0, y1, x0, x1)`` in the input's pixels; ``shape`` the input's ``(Y, X)``."""
+    ``box = (y0, y1, x0, x1)`` in the input's pixels; ``shape`` the input's ``(Y, X)``; ``scale``: input pixels
+    per crop pixel (1: full resolution; the crop's grid is the box reduced by this factor)."""
 
     image: np.ndarray
     mask: np.ndarray
     box: tuple[int, int, int, int]
     shape: tuple[int, int]
+    scale: int = 1
+
+    def to_input(self, point: tuple[int, int]) -> tuple[int, int]:
+        """A crop-grid ``(row, x)`` in the input's pixels (the centre of its block)."""
+        y0, _, x0, _ = self.box
+        half = self.scale // 2
+        return int(point[0]) * self.scale + half + y0, int(point[1]) * self.scale + half + x0
+
+    def to_input_grid(self, values: np.ndarray) -> np.ndarray:
+        """A crop-grid map on the input's grid: blocks repeated back to full resolution, 0 outside the box."""
+        y0, y1, x0, x1 = self.box
+        up = values
+        if self.scale > 1:
+            up = np.repeat(np.repeat(values, self.scale, 0), self.scale, 1)
+        out = np.zeros(self.shape, values.dtype)
+        out[y0:y1, x0:x1] = up[: y1 - y0, : x1 - x0]
+        return out
 
 
-def breast_crop(image: np.ndarray, threshold: float = DEFAULT_PIPELINE["threshold"]) -> BreastCrop:
-    """Crop to the breast's bounding box at full resolution; intensities normalised inside the breast."""
+def reduce_crop(crop: BreastCrop, factor: int) -> BreastCrop:
+    """The crop at ``1 / factor`` of its resolution: image block means (scikit-image), mask where at least
+    half of a block is breast, 0 outside it."""
+    if factor == 1:
+        return crop
+    if factor < 1 or int(factor) != factor:
+        raise ValueError(f"scale must be a positive integer, got {factor!r}")
+    from skimage.transform import downscale_local_mean
+
+    f = (int(factor), int(factor))
+    mask = downscale_local_mean(crop.mask.astype(np.float32), f) >= 0.5
+    img = np.where(mask, downscale_local_mean(crop.image, f), 0.0).astype(np.float32)
+    return BreastCrop(img, mask, crop.box, crop.shape, crop.scale * int(factor))
+
+
+def breast_crop(
+    image: np.ndarray, threshold: float = DEFAULT_PIPELINE["threshold"], scale: int = 1
+) -> BreastCrop:
+    """Crop to the breast's bounding box; intensities normalised inside the breast; reduced by ``scale``
+    (1: full resolution)."""
     arr = _gray(image)
     mask = breast_mask(arr, threshold)
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
@@ -117,7 +156,8 @@ def breast_crop(image: np.ndarray, threshold: float = DEFAULT_PIPELINE["threshol
     lo, hi = np.percentile(crop[cmask], [0.5, 99.5])
     norm = normalize_intensity(np.clip(crop, lo, hi)) if hi > lo else np.zeros_like(crop)
     norm = np.where(cmask, norm, 0.0).astype(np.float32)
-    return BreastCrop(norm, cmask, (y0, y1, x0, x1), (int(arr.shape[0]), int(arr.shape[1])))
+    full = BreastCrop(norm, cmask, (y0, y1, x0, x1), (int(arr.shape[0]), int(arr.shape[1])))
+    return reduce_crop(full, scale)
 
 
 # -- labels ---------------------------------------------------------------------------------------------------
@@ -164,9 +204,13 @@ class MammoImage:
 
 
 def prepare_images(
-    root: str | os.PathLike, ids: list[str] | None = None, threshold: float = DEFAULT_PIPELINE["threshold"]
+    root: str | os.PathLike,
+    ids: list[str] | None = None,
+    threshold: float = DEFAULT_PIPELINE["threshold"],
+    scale: int = 1,
 ) -> list[MammoImage]:
-    """Read a mini-MIAS-format folder (``labels.csv`` + images) into :class:`MammoImage` items."""
+    """Read a mini-MIAS-format folder (``labels.csv`` + images) into :class:`MammoImage` items (crops reduced
+    by ``scale``; findings' centres and radii on the crop's grid)."""
     from napari_medssl.engine import readers
     from napari_medssl.engine.data import mias_woman
 
@@ -177,9 +221,12 @@ def prepare_images(
         files = sorted(root.glob(stem + ".*"))
         if not files:
             raise FileNotFoundError(f"{root / stem}.*: listed in labels.csv but missing")
-        crop = breast_crop(readers.read_image(files[0]).data, threshold)
+        crop = breast_crop(readers.read_image(files[0]).data, threshold, scale)
         y0, _, x0, _ = crop.box
-        finds = [(r - y0, c - x0, rad) for r, c, rad in table[stem]["findings"]]
+        finds = [
+            ((r - y0) // scale, (c - x0) // scale, max(1, round(rad / scale)))
+            for r, c, rad in table[stem]["findings"]
+        ]
         out.append(MammoImage(stem, mias_woman(stem), table[stem]["abnormal"], crop, finds))
     return out
 
@@ -229,10 +276,42 @@ class PatchSampler:
         # normal tissue: normal images, and abnormal ones whose findings all have a position
         self.normal_src = [i for i, im in enumerate(images) if not im.abnormal or im.findings]
         self._coords = [np.argwhere(im.crop.mask[::8, ::8]) * 8 for im in images]
+        self.hard: list[tuple[int, int, int]] = []  # (image index, row, x) of mined hard-negative windows
+        self.hard_fraction = 0.0
+
+    def normal_candidates(self, stride: int = 64, min_tissue: float = 0.3) -> list[tuple[int, int, int]]:
+        """``(image index, row, x)`` of every grid window that counts as normal tissue (the rule of
+        :meth:`normal_patch`): the pool :func:`~napari_medssl.engine.mammo_train.mine_hard_negatives` scores."""
+        out = []
+        margin = int(0.75 * self.patch)
+        for i in self.normal_src:
+            im = self.images[i]
+            for cy, cx in window_centres(im.crop.mask, self.patch, stride, min_tissue):
+                if not inside_finding((cy, cx), im.findings, margin):
+                    out.append((i, cy, cx))
+        return out
+
+    def window_at(self, i: int, cy: int, cx: int) -> np.ndarray:
+        """Image ``i``'s ``patch × patch`` window centred at ``(cy, cx)``."""
+        return _window(self.images[i].crop.image, cy, cx, self.patch)
+
+    def set_hard_negatives(self, windows: list[tuple[int, int, int]], fraction: float) -> None:
+        """From now on, draw a ``fraction`` of the normal-tissue patches from ``windows`` (``(image index,
+        row, x)``, shifted by up to 16 px) instead of uniformly over the breast: hard-negative mining."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"hard-negative fraction must be in [0, 1], got {fraction}")
+        self.hard, self.hard_fraction = list(windows), fraction if windows else 0.0
 
     def normal_patch(self) -> np.ndarray:
         """A window centred in the breast that holds no finding (its centre farther than ``radius + 0.75 ·
-        patch``, beyond the window's half-diagonal, from every finding)."""
+        patch``, beyond the window's half-diagonal, from every finding); after :meth:`set_hard_negatives`,
+        sometimes one of the mined windows instead."""
+        if self.hard and self.rng.random() < self.hard_fraction:
+            i, cy, cx = self.hard[int(self.rng.integers(len(self.hard)))]
+            dy, dx = self.rng.integers(-16, 17, size=2)
+            im = self.images[i]
+            if not inside_finding((cy + dy, cx + dx), im.findings, int(0.75 * self.patch)):
+                return _window(im.crop.image, int(cy + dy), int(cx + dx), self.patch)
         for _ in range(100):
             i = int(self.rng.choice(self.normal_src))
             im, coords = self.images[i], self._coords[i]
@@ -328,9 +407,11 @@ def window_probabilities(
     batch_size: int = 32,
     device: torch.device | None = None,
     cancel: Any = None,
+    tta: bool = False,
 ) -> np.ndarray:
     """Abnormal-class probability of each ``(N, p, p)`` window (the model's last class); ``cancel``: a
-    ``threading.Event`` or a callable, checked between batches."""
+    ``threading.Event`` or a callable, checked between batches; ``tta``: the mean over the window's 8
+    right-angle rotations and reflections (the symmetries the ``strong`` training augmentation uses)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -345,10 +426,18 @@ def window_probabilities(
             size = tuple(model.spec.input_size or x.shape[-2:])
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            out.append(model(x).float().softmax(-1)[:, -1].cpu().numpy())
+            views = [x]
+            if tta:
+                views = [v.transpose(-1, -2) if t else v for v in _flips(x) for t in (False, True)]
+            prob = torch.stack([model(v).float().softmax(-1)[:, -1] for v in views]).mean(0)
+            out.append(prob.cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _flips(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)]
 
 
 def heatmap_from_windows(
@@ -397,8 +486,9 @@ def score_crop(
     pipe = {**DEFAULT_PIPELINE, **(pipeline or {})}
     p = int(pipe["patch"])
     centres = window_centres(crop.mask, p, int(pipe["stride"]), float(pipe["min_tissue"]))
+    tta = bool(pipe.get("tta", False))
     probs = window_probabilities(
-        model, np.stack([_window(crop.image, y, x, p) for y, x in centres]), batch_size, device, cancel
+        model, np.stack([_window(crop.image, y, x, p) for y, x in centres]), batch_size, device, cancel, tta
     )
     step, h, w = int(pipe["refine_step"]), *crop.mask.shape
     seen = set(centres)
@@ -414,7 +504,7 @@ def score_crop(
     more = np.zeros(0, np.float32)
     if extra:
         windows = np.stack([_window(crop.image, y, x, p) for y, x in extra])
-        more = window_probabilities(model, windows, batch_size, device, cancel)
+        more = window_probabilities(model, windows, batch_size, device, cancel, tta)
     heat = heatmap_from_windows(crop.image.shape, centres + extra, np.r_[probs, more], p, crop.mask)
     return {
         "score": aggregate(probs, pipe["aggregate"], int(pipe["topk"])),
@@ -440,18 +530,24 @@ def score_image(
         "peak": (row, x) of the heatmap's maximum, "n_windows": int, "box": crop box}``.
     """
     pipe = {**DEFAULT_PIPELINE, **(pipeline or {})}
-    crop = breast_crop(image, pipe["threshold"])
+    crop = breast_crop(image, pipe["threshold"], int(pipe["scale"]))
     res = score_crop(model, crop, pipe, batch_size, device, cancel)
-    heat = np.zeros(crop.shape, np.float32)
-    y0, y1, x0, x1 = crop.box
-    heat[y0:y1, x0:x1] = res["heatmap"]
     return {
         "score": res["score"],
-        "heatmap": heat,
-        "peak": (res["peak"][0] + y0, res["peak"][1] + x0),
+        "heatmap": crop.to_input_grid(res["heatmap"]),
+        "peak": crop.to_input(res["peak"]),
         "n_windows": len(res["centres"]),
         "box": crop.box,
     }
+
+
+def peak_hit(peak: tuple[int, int], im: MammoImage, pipeline: dict[str, Any]) -> bool | None:
+    """Whether a crop-grid heatmap peak lies within a marked finding's radius + ``finding_margin`` input pixels
+    (``None`` for an image with no marked finding)."""
+    if not im.findings:
+        return None
+    margin = int(pipeline["finding_margin"]) / im.crop.scale
+    return inside_finding(peak, im.findings, margin)  # type: ignore[arg-type]
 
 
 def evaluate_folder(
@@ -476,17 +572,16 @@ def evaluate_folder(
     ids = sorted(read_findings(Path(root) / "labels.csv")) if ids is None else ids
     rows = []
     for n, stem in enumerate(ids):
-        im = prepare_images(root, [stem], pipe["threshold"])[0]
+        im = prepare_images(root, [stem], pipe["threshold"], int(pipe["scale"]))[0]
         res = score_crop(model, im.crop, pipe, batch_size, device)
-        hit = inside_finding(res["peak"], im.findings, int(pipe["finding_margin"])) if im.findings else None
-        y0, _, x0, _ = im.crop.box
+        hit = peak_hit(res["peak"], im, pipe)
         rows.append(
             {
                 "id": stem,
                 "woman": im.woman,
                 "abnormal": im.abnormal,
                 "score": res["score"],
-                "peak": [res["peak"][0] + y0, res["peak"][1] + x0],
+                "peak": list(im.crop.to_input(res["peak"])),
                 "peak_hit": hit,
             }
         )

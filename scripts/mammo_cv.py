@@ -51,7 +51,7 @@ def checkpoint_extra(method: str, args: argparse.Namespace, trained_on: list[str
     return {
         "task": "classify",
         "class_names": ["normal", "abnormal"],
-        "mammo": dict(mammo.DEFAULT_PIPELINE),
+        "mammo": pipeline_of_run(args),
         "recipe": {
             "method": method,
             "pretrain_steps": args.pretrain_steps if pretrained else 0,
@@ -59,6 +59,8 @@ def checkpoint_extra(method: str, args: argparse.Namespace, trained_on: list[str
             "batch_size": args.batch_size,
             "finetune_lr": args.lr,
             "augment": args.augment,
+            "hard_rounds": args.hard_rounds,
+            "hard_fraction": args.hard_fraction,
             "trained_on_images": len(trained_on),
             "encoder": encoder_of(args),
             "script": "scripts/mammo_cv.py",
@@ -67,18 +69,27 @@ def checkpoint_extra(method: str, args: argparse.Namespace, trained_on: list[str
     }
 
 
+def pipeline_of_run(args: argparse.Namespace) -> dict:
+    """The scoring pipeline of this run: the default one at ``--scale``."""
+    pipe = dict(mammo.DEFAULT_PIPELINE)
+    pipe.update(scale=args.scale, pixel_um=mammo.DEFAULT_PIPELINE["pixel_um"] * args.scale, tta=args.tta)
+    return pipe
+
+
 def encoder_of(args: argparse.Namespace) -> dict:
     """Encoder-size overrides (the same for every method); empty for the CPU defaults of METHODS."""
     keys = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.heads}
     return {k: v for k, v in keys.items() if v}
 
 
-def evaluate_fold(model: torch.nn.Module, images: list[mammo.MammoImage], batch_size: int = 32) -> list[dict]:
+def evaluate_fold(
+    model: torch.nn.Module, images: list[mammo.MammoImage], batch_size: int = 32, pipe: dict | None = None
+) -> list[dict]:
     rows = []
-    pipe = mammo.DEFAULT_PIPELINE
+    pipe = pipe or mammo.DEFAULT_PIPELINE
     for im in images:
         res = mammo.score_crop(model, im.crop, pipe, batch_size)
-        hit = mammo.inside_finding(res["peak"], im.findings, pipe["finding_margin"]) if im.findings else None
+        hit = mammo.peak_hit(res["peak"], im, pipe)
         rows.append(
             {
                 "id": im.id,
@@ -86,9 +97,10 @@ def evaluate_fold(model: torch.nn.Module, images: list[mammo.MammoImage], batch_
                 "abnormal": im.abnormal,
                 "score_topk": res["score"],
                 "score_max": float(res["probs"].max()),
-                "peak": list(res["peak"]),
+                "peak": list(im.crop.to_input(res["peak"])),
                 "n_findings": len(im.findings),
                 "peak_hit": hit,
+                "window_probs": [round(float(p), 5) for p in res["probs"]],
             }
         )
     return rows
@@ -157,7 +169,15 @@ def train_classifier(
     sampler = mammo.PatchSampler(train, seed=seed + 100, augment=args.augment)
     what = f"{method} {path.stem}"
     mt.finetune(
-        model, sampler, args.finetune_steps, args.batch_size, lr=args.lr, log=lambda m: log(m, out), what=what
+        model,
+        sampler,
+        args.finetune_steps,
+        args.batch_size,
+        lr=args.lr,
+        log=lambda m: log(m, out),
+        what=what,
+        hard_rounds=args.hard_rounds,
+        hard_fraction=args.hard_fraction,
     )
     save_model(model, path, checkpoint_extra(method, args, [i.id for i in train], pre is not None))
     return model
@@ -184,7 +204,7 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
                 device=args.device,
                 encoder=encoder_of(args),
             )
-            save_model(pre, pre_path, {"task": "pretrain", "mammo": dict(mammo.DEFAULT_PIPELINE)})
+            save_model(pre, pre_path, {"task": "pretrain", "mammo": pipeline_of_run(args)})
     rows: list[dict] = []
     for f in range(args.folds):
         fold_json = mdir / f"fold{f}.json"
@@ -193,8 +213,14 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
             continue
         train = [im for im, k in zip(images, folds) if k != f]
         test = [im for im, k in zip(images, folds) if k == f]
-        model = train_classifier(method, pre, train, args.seed + f, mdir / f"fold{f}.safetensors", args, out)
-        fold_rows = [dict(r, fold=f) for r in evaluate_fold(model, test, args.eval_batch)]
+        fold_ckpt = mdir / f"fold{f}.safetensors"
+        if fold_ckpt.is_file():  # trained before (e.g. re-scoring a run with another pipeline): reuse it
+            model = load_model(fold_ckpt, map_location=args.device).eval()
+        else:
+            model = train_classifier(method, pre, train, args.seed + f, fold_ckpt, args, out)
+        fold_rows = [
+            dict(r, fold=f) for r in evaluate_fold(model, test, args.eval_batch, pipeline_of_run(args))
+        ]
         fold_json.write_text(json.dumps(fold_rows))
         patch_json = mdir / f"fold{f}_patches.json"
         if not patch_json.is_file():
@@ -212,6 +238,9 @@ def run_method(method: str, images: list[mammo.MammoImage], folds: list[int], ar
         "finetune_steps": args.finetune_steps,
         "batch_size": args.batch_size,
         "augment": args.augment,
+        "hard_rounds": args.hard_rounds,
+        "scale": args.scale,
+        "tta": args.tta,
         **patch_summary(mdir, args.folds),
     }
     (mdir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -301,10 +330,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4, help="fine-tuning peak learning rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--augment", default="flip", choices=mammo.AUGMENTATIONS, help="training-patch augmentation (all methods)"
+        "--augment",
+        default="flip",
+        choices=mammo.AUGMENTATIONS,
+        help="training-patch augmentation (all methods)",
     )
     ap.add_argument(
-        "--patch-eval", type=int, default=256, help="held-out labelled patches per fold for the patch-level AUC"
+        "--scale",
+        type=int,
+        default=1,
+        help="reduce the breast crop by this factor before the 128-px windows (2: 400 µm, 51-mm windows)",
+    )
+    ap.add_argument(
+        "--tta", action="store_true", help="score each window as the mean over its 8 rotations/reflections"
+    )
+    ap.add_argument(
+        "--hard-rounds",
+        type=int,
+        default=0,
+        help="hard-negative mining rounds during fine-tuning (0: none; training images only)",
+    )
+    ap.add_argument(
+        "--hard-fraction",
+        type=float,
+        default=0.5,
+        help="share of normal patches drawn from the mined windows",
+    )
+    ap.add_argument(
+        "--patch-eval",
+        type=int,
+        default=256,
+        help="held-out labelled patches per fold for the patch-level AUC",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast in training on cuda)")
@@ -323,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         print(table(out, args.methods))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "prepared.pkl"
+    cache = out / ("prepared.pkl" if args.scale == 1 else f"prepared_s{args.scale}.pkl")
     if cache.is_file():
         images = pickle.loads(cache.read_bytes())
     else:
-        images = mammo.prepare_images(args.data)
+        images = mammo.prepare_images(args.data, scale=args.scale)
         cache.write_bytes(pickle.dumps(images))
     if args.prepare_only:
         return 0

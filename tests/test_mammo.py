@@ -242,3 +242,72 @@ def test_strong_augmentation_keeps_labels_and_range() -> None:
     assert not torch.equal(xs, xp)
     # background (0) stays 0: the amount of zero pixels per patch is unchanged by transpose and gamma
     assert torch.equal((xs == 0).flatten(1).sum(1), (xp == 0).flatten(1).sum(1))
+
+
+def test_hard_negative_mining_draws_the_decoy_never_the_finding() -> None:
+    im = _synthetic_image()
+    im.crop.image[60:100, 60:340] = 0.95  # a bright band of normal tissue, far from the finding (row 300)
+    sampler = mammo.PatchSampler([im], patch=128, seed=4)
+    cands = sampler.normal_candidates(stride=64)
+    assert cands and all(not mammo.inside_finding((y, x), im.findings, 96) for _, y, x in cands)
+    hard = mt.mine_hard_negatives(_Bright(), sampler, per_image=2)
+    assert len(hard) == 2 and all(abs(y - 80) < 64 for _, y, _ in hard)  # the decoy's windows
+    with pytest.raises(ValueError, match="fraction"):
+        sampler.set_hard_negatives(hard, 1.5)
+    sampler.set_hard_negatives(hard, 1.0)
+    normal = np.stack([sampler.normal_patch() for _ in range(20)])
+    assert ((normal == np.float32(0.95)).reshape(20, -1).sum(1) > 1000).all()  # all hold the band now
+    x, y = sampler.batch(32)
+    assert (y == 0).any() and not (x[y == 0] == 1.0).any()  # and never the finding's disc
+    # in the loop: mined once half-way, logged, the classifier still trains
+    lines: list[str] = []
+    clf = mt.classifier_from("cnn", None)
+    plain = mammo.PatchSampler([im], patch=128, seed=5)
+    mt.finetune(clf, plain, steps=4, batch_size=4, warmup=1, log=lines.append, hard_rounds=1)
+    assert plain.hard and plain.hard_fraction == 0.5
+    assert any("hard negatives mined" in ln for ln in lines)
+
+
+def test_reduced_scale_crop_maps_back_to_the_input_grid(mias: Path) -> None:
+    raw = np.zeros((700, 500), np.float32)
+    raw[50:650, 60:460] = 0.3  # the 'breast' inside black padding
+    yy, xx = np.mgrid[:700, :500]
+    raw[(yy - 350) ** 2 + (xx - 260) ** 2 <= 24**2] = 1.0  # a finding at row 350, x 260
+    full = mammo.breast_crop(raw)
+    half = mammo.breast_crop(raw, scale=2)
+    assert half.scale == 2 and half.box == full.box
+    assert half.image.shape == tuple((n + 1) // 2 for n in full.image.shape)
+    assert half.to_input((0, 0)) == (full.box[0] + 1, full.box[2] + 1)  # a block's centre
+    res = mammo.score_image(_Bright(), raw, {"scale": 2, "stride": 48})
+    assert res["heatmap"].shape == raw.shape and res["heatmap"].dtype == np.float32
+    assert (res["heatmap"][:50] == 0).all() and res["heatmap"][350, 260] > 0
+    assert (res["peak"][0] - 350) ** 2 + (res["peak"][1] - 260) ** 2 <= (24 + 16) ** 2
+    with pytest.raises(ValueError, match="scale"):
+        mammo.reduce_crop(full, 0)
+    # findings on the reduced grid: centre and radius halved, the peak test in input pixels
+    (im,) = mammo.prepare_images(mias, ["mdb005"], scale=2)
+    y0, _, x0, _ = im.crop.box
+    assert im.findings[0] == ((891 - y0) // 2, (477 - x0) // 2, 15)
+    r, c, _ = im.findings[0]
+    assert mammo.peak_hit((r + 20, c), im, {"finding_margin": 16})  # 40 input px off: inside 30 + 16
+    assert not mammo.peak_hit((r + 25, c), im, {"finding_margin": 16})  # 50 input px off: outside
+
+
+class _Corner(_Bright):
+    """A 'classifier' that looks at one corner only: its score changes with every rotation/reflection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x[:, 0, :16, :16].mean((1, 2))[:, None] * 8 * self.w - 4
+        return torch.cat([torch.zeros_like(s), s], 1)
+
+
+def test_window_tta_averages_the_eight_symmetries() -> None:
+    windows = np.zeros((2, 128, 128), np.float32)
+    windows[0, :16, :16] = 1.0  # bright in the top-left corner only
+    windows[1, -16:, -16:] = 1.0  # bottom-right
+    plain = mammo.window_probabilities(_Corner(), windows)
+    assert plain[0] > 0.9 and plain[1] < 0.1
+    tta = mammo.window_probabilities(_Corner(), windows, tta=True)
+    # 2 of the 8 symmetries (identity, transpose) keep the top-left corner in place, 2 bring the other there
+    expect = (2 * plain[0] + 6 * plain[1]) / 8
+    assert tta == pytest.approx([expect, expect], abs=1e-6)

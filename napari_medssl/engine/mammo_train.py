@@ -161,6 +161,28 @@ def classifier_from(
     return model.to(device)
 
 
+@torch.no_grad()
+def mine_hard_negatives(
+    model: torch.nn.Module, sampler: PatchSampler, per_image: int = 4, stride: int = 64, batch_size: int = 64
+) -> list[tuple[int, int, int]]:
+    """The ``per_image`` normal-tissue windows of each training image that ``model`` scores most abnormal.
+
+    Per image rather than overall because the image score is the mean of an image's best windows: what
+    makes a normal breast look abnormal is its own top windows (dense tissue, vessels, the pectoral edge).
+    Returns ``(image index, row, x)`` in the sampler's crops."""
+    from napari_medssl.mammo import window_probabilities
+
+    cands = sampler.normal_candidates(stride)
+    if not cands:
+        return []
+    windows = np.stack([sampler.window_at(i, y, x) for i, y, x in cands])
+    probs = window_probabilities(model, windows, batch_size)
+    best: dict[int, list[tuple[float, tuple[int, int, int]]]] = {}
+    for p, c in zip(probs, cands):
+        best.setdefault(c[0], []).append((float(p), c))
+    return [c for rows in best.values() for _, c in sorted(rows, reverse=True)[:per_image]]
+
+
 def finetune(
     model: torch.nn.Module,
     sampler: PatchSampler,
@@ -171,12 +193,30 @@ def finetune(
     weight_decay: float = 0.05,
     log: Log = None,
     what: str = "finetune",
+    hard_rounds: int = 0,
+    hard_fraction: float = 0.5,
+    hard_per_image: int = 4,
 ) -> torch.nn.Module:
-    """Train a patch classifier: finding patches (1) vs normal-tissue patches (0), cross-entropy."""
+    """Train a patch classifier: finding patches (1) vs normal-tissue patches (0), cross-entropy.
+
+    ``hard_rounds > 0``: hard-negative mining. The steps are cut into ``hard_rounds + 1`` equal parts; after
+    each but the last, :func:`mine_hard_negatives` scores the training images' normal-tissue windows with the
+    model as it is, and from then on ``hard_fraction`` of the normal patches come from each image's
+    ``hard_per_image`` most abnormal-looking windows. Uses the training images only."""
 
     device = next(model.parameters()).device
+    mine_at = {steps * (r + 1) // (hard_rounds + 1) for r in range(hard_rounds)} if hard_rounds > 0 else set()
+    step = [0]
 
     def loss() -> torch.Tensor:
+        if step[0] in mine_at:
+            t0 = time.time()
+            hard = mine_hard_negatives(model, sampler, hard_per_image)
+            model.train()
+            sampler.set_hard_negatives(hard, hard_fraction)
+            if log is not None:
+                log(f"{what} step {step[0]}: {len(hard)} hard negatives mined ({time.time() - t0:.0f} s)")
+        step[0] += 1
         x, y = sampler.batch(batch_size, labelled=True)
         return F.cross_entropy(model(x.to(device, non_blocking=True)).float(), y.to(device))
 
