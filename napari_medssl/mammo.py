@@ -280,16 +280,19 @@ class PatchSampler:
         self.hard_fraction = 0.0
 
     def normal_candidates(self, stride: int = 64, min_tissue: float = 0.3) -> list[tuple[int, int, int]]:
-        """``(image index, row, x)`` of every grid window that counts as normal tissue (the rule of
-        :meth:`normal_patch`): the pool :func:`~napari_medssl.engine.mammo_train.mine_hard_negatives` scores."""
-        out = []
-        margin = int(0.75 * self.patch)
-        for i in self.normal_src:
-            im = self.images[i]
-            for cy, cx in window_centres(im.crop.mask, self.patch, stride, min_tissue):
-                if not inside_finding((cy, cx), im.findings, margin):
-                    out.append((i, cy, cx))
-        return out
+        """``(image index, row, x)`` of every grid window that counts as normal tissue (:meth:`is_normal`):
+        the pool :func:`~napari_medssl.engine.mammo_train.mine_hard_negatives` scores."""
+        return [
+            (i, cy, cx)
+            for i in self.normal_src
+            for cy, cx in window_centres(self.images[i].crop.mask, self.patch, stride, min_tissue)
+            if self.is_normal(i, cy, cx)
+        ]
+
+    def is_normal(self, i: int, cy: int, cx: int) -> bool:
+        """Whether a window of image ``i`` centred at ``(cy, cx)`` counts as normal tissue: its centre farther
+        than ``radius + 0.75 · patch`` (beyond the window's half-diagonal) from every finding."""
+        return not inside_finding((cy, cx), self.images[i].findings, int(0.75 * self.patch))
 
     def window_at(self, i: int, cy: int, cx: int) -> np.ndarray:
         """Image ``i``'s ``patch × patch`` window centred at ``(cy, cx)``."""
@@ -303,21 +306,19 @@ class PatchSampler:
         self.hard, self.hard_fraction = list(windows), fraction if windows else 0.0
 
     def normal_patch(self) -> np.ndarray:
-        """A window centred in the breast that holds no finding (its centre farther than ``radius + 0.75 ·
-        patch``, beyond the window's half-diagonal, from every finding); after :meth:`set_hard_negatives`,
-        sometimes one of the mined windows instead."""
+        """A window centred in the breast that holds no finding (:meth:`is_normal`); after
+        :meth:`set_hard_negatives`, sometimes one of the mined windows instead."""
         if self.hard and self.rng.random() < self.hard_fraction:
             i, cy, cx = self.hard[int(self.rng.integers(len(self.hard)))]
             dy, dx = self.rng.integers(-16, 17, size=2)
-            im = self.images[i]
-            if not inside_finding((cy + dy, cx + dx), im.findings, int(0.75 * self.patch)):
-                return _window(im.crop.image, int(cy + dy), int(cx + dx), self.patch)
+            if self.is_normal(i, cy + dy, cx + dx):
+                return self.window_at(i, int(cy + dy), int(cx + dx))
         for _ in range(100):
             i = int(self.rng.choice(self.normal_src))
-            im, coords = self.images[i], self._coords[i]
+            coords = self._coords[i]
             cy, cx = coords[int(self.rng.integers(len(coords)))]
-            if not inside_finding((cy, cx), im.findings, int(0.75 * self.patch)):
-                return _window(im.crop.image, int(cy), int(cx), self.patch)
+            if self.is_normal(i, cy, cx):
+                return self.window_at(i, int(cy), int(cx))
         raise RuntimeError("could not draw a normal-tissue patch in 100 tries")
 
     def finding_patch(self) -> np.ndarray:
