@@ -129,7 +129,14 @@ def forest(image: np.ndarray, painted: np.ndarray, target: np.ndarray, seed: int
 
 
 def network(
-    t1: Path, painted_file: Path, predict_on: Path, out: Path, minutes: float, model: str | None
+    t1: Path,
+    painted_file: Path,
+    predict_on: Path,
+    out: Path,
+    minutes: float,
+    model: str | None,
+    threads: int = 1,
+    seed: int = 0,
 ) -> tuple:
     """Fine-tune through the CLI contract and predict; ``(prediction == tumour, facts)``."""
     medssl = [sys.executable, "-m", "napari_medssl.engine.cli"]
@@ -146,10 +153,12 @@ def network(
         str(out),
         "--max-minutes",
         str(minutes),
-        "--threads",
-        "1",
+        "--seed",
+        str(seed),
         "--no-resume",
     ]
+    threads_arg = ["--threads", str(threads)] if threads else []  # 0: torch's choice, as a user runs it
+    cmd += threads_arg
     if model:
         cmd += ["--model", model]
     load0 = os.getloadavg()[0]
@@ -176,8 +185,7 @@ def network(
             str(predict_on),
             "--output",
             str(pred_file),
-            "--threads",
-            "1",
+            *threads_arg,
         ],
         check=True,
         capture_output=True,
@@ -190,6 +198,8 @@ def network(
         "train_cpu_s": record["cpu_s"],
         "command_s": round(time.monotonic() - t0, 1),
         "first_checkpoint_s_in_run": first_ckpt[0] if first_ckpt else None,
+        "threads": threads or "torch default",
+        "seed": seed,
         "load_avg_1min": round((load0 + os.getloadavg()[0]) / 2, 2),
     }
     return read_any(pred_file).data == 1, facts
@@ -210,6 +220,10 @@ def main() -> None:
         default="wall",
         help="cpu: the budget counts the training process's CPU seconds (one thread: an idle core)",
     )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (0: torch's choice, as `medssl` runs)"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="`medssl finetune --seed`")
     args = ap.parse_args()
     os.environ["MEDSSL_ADAPT_CLOCK"] = args.clock
     data, out = Path(args.data), Path(args.out)
@@ -238,7 +252,9 @@ def main() -> None:
                 facts = {"train_and_predict_s": round(time.monotonic() - t0, 1)}
             else:
                 model = args.start_model if method == "start" else "unet_tiny"
-                pred, facts = network(t1, painted_file, t1_eval, folder / method, args.minutes, model)
+                pred, facts = network(
+                    t1, painted_file, t1_eval, folder / method, args.minutes, model, args.threads, args.seed
+                )
             d = dice(pred[keep], truth[keep])
             row = {
                 "scenario": name,

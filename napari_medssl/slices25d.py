@@ -18,7 +18,13 @@ through this module, so ``medssl predict``, the Model dock and training see the 
   nothing is restricted;
 - ``in_plane_mm``: slices resampled in-plane to this pixel size (bilinear, antialiased) before the model and
   the probabilities resampled back to the input's grid; when the caller does not know the spacing, the
-  scale factor used in training (``train_factor``) is applied.
+  scale factor used in training (``train_factor``) is applied;
+- ``window`` (newer checkpoints): the square crop, in model pixels, the model was trained on; a larger slice
+  is predicted by sliding windows of that size (half overlapping, probabilities averaged with nnU-Net's
+  Gaussian weights) instead of whole.
+  The U-Net's instance norm then sees statistics like those of its training crops: predicted whole, a 220²
+  slice of mostly head and air normalises a tumour's features away (Dice on unpainted slices 0.37–0.56 whole
+  vs 0.62–0.71 windowed, same checkpoints: docs/experiments/2026-12-04-adapt-windowed-inference.md).
 
 Axis legend: N slices, C channels, Z Y X space, K classes.
 """
@@ -47,6 +53,7 @@ class Conventions:
     train_factor: float = 1.0  # in-plane scale (new size / old size) of the training image
     coords: bool = False
     roi: dict | None = None  # {"margin_mm", "boxes": {class: [low, high]}, "near_mm", "points", "grid"}
+    window: int | None = None  # training crop (model pixels): larger slices are predicted by sliding windows
     kind: str = "2.5d"
 
     def to_extra(self) -> dict[str, Any]:
@@ -72,7 +79,8 @@ def conventions(model: Any) -> Conventions | None:
     rec = model.spec.extra.get(KEY)
     if not isinstance(rec, dict) or rec.get("kind") != "2.5d":
         return None
-    fields = {k: rec[k] for k in ("context", "in_plane_mm", "train_factor", "coords", "roi") if k in rec}
+    keys = ("context", "in_plane_mm", "train_factor", "coords", "roi", "window")
+    fields = {k: rec[k] for k in keys if k in rec}
     return Conventions(**fields)
 
 
@@ -220,7 +228,7 @@ def segment_probabilities(
 ) -> np.ndarray:
     """Probabilities ``(K, *image.shape)`` (only ``slices`` filled when given, zeros elsewhere); with the
     image's ``affine`` (index → RAS mm) and a recorded ``roi``, restricted to it."""
-    from napari_medssl.inference import _check_cancel, _forward
+    from napari_medssl.inference import _check_cancel, _segment_batch
 
     check_image(image)
     shape = np.shape(image)
@@ -235,9 +243,12 @@ def segment_probabilities(
         for b, i in enumerate(range(0, len(index), batch_size)):
             _check_cancel(cancel)
             x = model_inputs(vol, conv, index[i : i + batch_size])
-            probs = torch.softmax(_forward(model, x, device), 1)
+            window = None
+            if conv.window and max(x.shape[-2:]) > conv.window:
+                window = (conv.window, conv.window)
+            probs = _segment_batch(model, x, device, window, 0.5, batch_size, gaussian=True)
             for f in flips[1:]:  # mirroring test-time augmentation: flip, predict, flip back
-                probs += torch.softmax(_forward(model, x.flip(f), device), 1).flip(f)
+                probs += _segment_batch(model, x.flip(f), device, window, 0.5, batch_size, gaussian=True).flip(f)
             probs /= len(flips)
             probs = F.interpolate(probs, size=shape[-2:], mode="bilinear", align_corners=False)
             if out is None:

@@ -128,6 +128,13 @@ def convert(
     return out
 
 
+def portable(text: str) -> str:
+    """A recorded command or path as the card ships it: this checkout's data folder as ``$MEDSSL_DATA_DIR``."""
+    for local in (str((ROOT.parent / "shared" / "data").resolve()), "../shared/data"):
+        text = text.replace(local, "$MEDSSL_DATA_DIR")
+    return text
+
+
 def rename_classes(name: str, class_names: list[str]) -> Path:
     """Re-publish zoo model ``name`` with its classes named (same weights, same metrics: names change no
     number); the card keeps every other field."""
@@ -174,10 +181,22 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--also-tta", action="store_true", help="also evaluate with --tta (segmenters)")
     p.add_argument("--class-names", nargs="+", help="name the classes in the published weights (in order)")
-    p.add_argument("--metrics-json", help="metrics for a model `medssl evaluate` cannot score (pretraining)")
+    p.add_argument(
+        "--metrics-json",
+        help="metrics for a model `medssl evaluate` cannot score (pretraining); with --data, added to its "
+        "metrics (e.g. the cross-validation's cv3_*)",
+    )
     p.add_argument("--metrics-command", default="", help="how --metrics-json was measured")
     p.add_argument(
         "--split-note", help="what the split is, for the card (default: the data set's split file)"
+    )
+    p.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help="copy this field (e.g. domain) from the card already published under --name (a new version of a "
+        "model whose domain has not changed)",
     )
     args = p.parse_args()
 
@@ -201,15 +220,21 @@ def main() -> None:
         if last.is_file():  # the steps the run did (a time-bound run stops before max_steps)
             training["steps_done"] = json.loads(last.read_text())["step"]
     more = {"split": split_entry, "training": training, "notes": args.note}
+    if args.keep:
+        old = zoo.card(args.name)
+        missing = [k for k in args.keep if k not in old]
+        if missing:
+            raise SystemExit(f"the published card of {args.name} has no {missing}")
+        more.update({k: old[k] for k in args.keep})
     common = dict(
         description=args.description,
-        command=args.command,
-        data=DATASETS[args.dataset],
+        command=portable(args.command),
+        data={k: portable(v) for k, v in DATASETS[args.dataset].items()},
         licence=LICENCE[args.dataset],
         **more,
     )
     given = json.loads(args.metrics_json) if args.metrics_json else {}
-    folder = zoo.publish(ckpt, args.name, metrics=given, metrics_command=args.metrics_command, **common)
+    folder = zoo.publish(ckpt, args.name, metrics=given, metrics_command=portable(args.metrics_command), **common)
     if not args.data:
         print(folder)
         return
@@ -225,12 +250,13 @@ def main() -> None:
         metrics = json.loads(out.read_text())["metrics"]
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
 
-    metrics = evaluate(cmd, args.run / "zoo_metrics.json")
+    metrics = {**evaluate(cmd, args.run / "zoo_metrics.json"), **given}  # --metrics-json adds (cv3_*)
     if args.also_tta:
         tta_cmd = [*cmd, "--tta"]
         common["metrics_tta"] = evaluate(tta_cmd, args.run / "zoo_metrics_tta.json")
-        common["metrics_tta_command"] = shlex.join(tta_cmd)
-    folder = zoo.publish(ckpt, args.name, metrics=metrics, metrics_command=shlex.join(cmd), **common)
+        common["metrics_tta_command"] = portable(shlex.join(tta_cmd))
+    how = shlex.join(cmd) + (f"; {args.metrics_command}" if given and args.metrics_command else "")
+    folder = zoo.publish(ckpt, args.name, metrics=metrics, metrics_command=portable(how), **common)
     print(folder, json.dumps(metrics), json.dumps(common.get("metrics_tta", {})))
 
 

@@ -80,7 +80,7 @@ def test_cli_finetune_labels_then_predict(painted_crop, data_dir, tmp_path, caps
     model = zoo.load(out / "best.safetensors")
     conv = slices25d.conventions(model)
     assert conv == slices25d.Conventions(
-        context=1, in_plane_mm=1.0, train_factor=conv.train_factor, coords=True, roi=conv.roi
+        context=1, in_plane_mm=1.0, train_factor=conv.train_factor, coords=True, roi=conv.roi, window=96
     )
     # the painted tumour's box in patient coordinates, from the crop's own affine
     rows = np.argwhere(painted_crop["painted"] == 2)
@@ -168,13 +168,23 @@ def test_inference_applies_recorded_conventions(painted_crop, tmp_path):
     assert torch.equal(stack[0, 0], vol[0]) and torch.equal(stack[5, 2], vol[6])  # edges repeat
     assert torch.equal(stack[9, 1], vol[9]) and torch.equal(stack[9, 2], vol[9])
     assert stack[0, 3, 0, 0] == 0 and stack[0, 3, -1, 0] == 1 and stack[0, 4, 0, -1] == 1  # row, column
+    # the training crop is recorded: a larger slice is predicted by windows of that size only
+    assert conv.window == 64 and max(vol.shape[1:]) > 64
+    sizes: list[tuple[int, ...]] = []
+    hook = model.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[2:])))
+    probs = inference.segment_probabilities(model, image, spacing=(6.5, 0.69, 0.69))
+    hook.remove()
+    assert sizes and set(sizes) == {(64, 64)}
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    # without the spacing the training's own scale factor is used: the same result for this image
+    np.testing.assert_allclose(inference.segment_probabilities(model, image), probs, atol=1e-5)
+    # a checkpoint without a recorded window (older ones) is predicted whole, slice by slice
+    model.spec.extra[slices25d.KEY].pop("window")
     with torch.inference_mode():
         expected = torch.softmax(model(stack[3:4]), 1)[0]
     expected = torch.nn.functional.interpolate(expected[None], size=image.shape[1:], mode="bilinear")[0]
-    probs = inference.segment_probabilities(model, image, spacing=(6.5, 0.69, 0.69))
-    np.testing.assert_allclose(probs[:, 3], expected.numpy(), atol=1e-4)
-    # without the spacing the training's own scale factor is used: the same result for this image
-    np.testing.assert_allclose(inference.segment_probabilities(model, image), probs, atol=1e-5)
+    whole = inference.segment_probabilities(model, image, spacing=(6.5, 0.69, 0.69))
+    np.testing.assert_allclose(whole[:, 3], expected.numpy(), atol=1e-4)
 
 
 def _tiny_run(painted_crop: dict, out: Path) -> Path:

@@ -99,6 +99,19 @@ def test_sliding_window_equals_whole_image_and_reports_progress():
     assert [d for d, _ in seen] == [1, 2, 3] and seen[-1] == (3, 3)  # 12 windows in batches of 4
 
 
+def test_gaussian_window_weights_average_to_the_pointwise_result():
+    """Gaussian-weighted windows (2.5D checkpoints) are a weighted mean: a pointwise model still gives the
+    whole-image result, and the weights peak at the window's centre."""
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(2, 1, 70, 90)).astype(np.float32))
+    model = PointwiseSegmenter()
+    whole = inference._segment_batch(model, x, torch.device("cpu"), None)
+    tiled = inference._segment_batch(model, x, torch.device("cpu"), (32, 32), 0.5, 4, gaussian=True)
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+    w = inference._window_weights((32, 32), gaussian=True)
+    assert w.shape == (32, 32) and float(w.min()) >= 1e-3 and w[15:17, 15:17].min() > 0.99 > w[0, 0]
+
+
 def test_cancel_stops_inference(hippo):
     model = create_model("unet_tiny", **TINY_UNET).eval()
     flag = threading.Event()

@@ -241,6 +241,13 @@ class FinetuneWidget(QWidget):
         self.autosave_timer.setSingleShot(True)
         self.autosave_timer.setInterval(1500)
         self.autosave_timer.timeout.connect(self.autosave_now)
+        # a preview redraws the canvas (~25 ms on a software renderer): drawn a moment after the poll, so the
+        # two repaints (progress window, canvas) fall in different turns of the event loop, not one long one
+        self.preview_timer = QTimer(self)
+        self.preview_timer.setSingleShot(True)
+        self.preview_timer.setInterval(150)
+        self.preview_timer.timeout.connect(self._draw_pending_preview)
+        self._pending_preview: dict | None = None
 
         self.start_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(self.stop)
@@ -512,6 +519,11 @@ class FinetuneWidget(QWidget):
             layer.data[z] = ev["labels"]
             layer.refresh()
 
+    def _draw_pending_preview(self) -> None:
+        ev, self._pending_preview = self._pending_preview, None
+        if ev is not None:
+            self.show_preview(ev)
+
     def _preview_layer(self) -> Any:
         """The image's ``fine-tune preview`` Labels layer, added when missing (at Start: adding a layer costs a
         few hundred ms of the event loop, which must not fall in the middle of the user's painting)."""
@@ -574,7 +586,8 @@ class FinetuneWidget(QWidget):
                 self.plot.set_label("val", f"val {name}")
                 self.plot.add_point("val", ev["step"], metrics[name])
         elif kind == "preview":
-            self.show_preview(ev)
+            self._pending_preview = ev  # only the newest checkpoint's preview is drawn
+            self.preview_timer.start()
         elif kind == "checkpoint" and ev.get("best"):
             self.best_path = ev["path"]
             self.use_best_btn.setEnabled(True)
@@ -681,6 +694,7 @@ class FinetuneWidget(QWidget):
         """Stop training and mark autosaves clean (the viewer is closing)."""
         try:
             self.timer.stop()
+            self.preview_timer.stop()
         except RuntimeError:  # the Qt side is already gone (application quitting)
             pass
         if self.proc is not None and self.proc.is_alive():

@@ -380,7 +380,7 @@ def adapt_events(
     num_classes = max(2, max(classes) + 1)
     device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
     model.to(device).train()
-    sampler = PaintedCrops(vol, lab, conv.context, min(cfg.crop, _crop_cap(vol)), cfg.seed, conv.coords)
+    sampler = PaintedCrops(vol, lab, conv.context, conv.window or cfg.crop, cfg.seed, conv.coords)
     gen = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     encoder = [p for n, p in model.named_parameters() if n.startswith(("encoders.", "encoder."))]
@@ -446,7 +446,12 @@ def _setup(
             np.asarray(painted).astype(np.int64) - 1, affine, cfg.roi_margin_mm, cfg.near_mm
         )
     conv = slices25d.Conventions(
-        context=conv.context, in_plane_mm=conv.in_plane_mm, train_factor=factor, coords=conv.coords, roi=roi
+        context=conv.context,
+        in_plane_mm=conv.in_plane_mm,
+        train_factor=factor,
+        coords=conv.coords,
+        roi=roi,
+        window=min(cfg.crop, _crop_cap(vol)),  # predicted by windows of the training crop (slices25d)
     )
     return model, conv, classes, vol, lab
 
