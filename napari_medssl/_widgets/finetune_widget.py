@@ -517,7 +517,8 @@ class FinetuneWidget(QWidget):
         z = int(ev["slice"])
         if 0 <= z < layer.data.shape[0] and layer.data.shape[1:] == ev["labels"].shape:
             layer.data[z] = ev["labels"]
-            layer.refresh()
+            # the slice only: a thumbnail update repaints the layer list, a second re-composite of the window
+            layer.refresh(thumbnail=False, extent=False, highlight=False)
 
     def _draw_pending_preview(self) -> None:
         ev, self._pending_preview = self._pending_preview, None
