@@ -164,3 +164,24 @@ def test_predict_warns_on_a_misfit_and_strict_refuses_it(data_dir, tmp_path, cap
         ]
     )
     assert code == 0 and out.is_file() and "warning" not in capsys.readouterr().err
+
+
+def test_launcher_ranks_cross_validated_figures_first():
+    """A card's cross-validated metric outranks another card's single-split one (small splits flatter by luck)."""
+    from napari_medssl._launch import choose_model
+
+    def card(**metrics):
+        return {"task": "classify", "architecture": {"name": "vit_tiny"}, "metrics": metrics}
+
+    cards = {
+        "lucky_fold_mias": card(auc=0.67, cv3_auc=0.565),
+        "steady_mias": card(auc=0.646, cv3_auc=0.622),
+        "old_split_mias": card(auc=0.70),  # one split, also the one its checkpoint was selected on
+    }
+    assert choose_model(cards, 2, "mias") == "steady_mias"
+    assert choose_model({"old_split_mias": cards["old_split_mias"]}, 2, "mias") == "old_split_mias"
+    seg = {
+        "a_seg": {"task": "segment", "metrics": {"mean_dice": 0.8}},
+        "b_seg": {"task": "segment", "metrics": {"mean_dice": 0.9}},
+    }
+    assert choose_model(seg, 3, "x") == "b_seg"
