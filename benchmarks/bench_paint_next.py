@@ -77,7 +77,8 @@ def adapt(img, painted: np.ndarray, start: str, steps: int, seed: int, out: Path
         checkpoint_every_s=1e9,
     )
     best = None
-    for ev in adapt_events(img.data, painted, cfg, spacing_yx=tuple(img.spacing[1:])):
+    # the affine, as `medssl finetune --labels` passes it: the checkpoint records where the paint is (its prior)
+    for ev in adapt_events(img.data, painted, cfg, spacing_yx=tuple(img.spacing[1:]), affine=img.affine):
         if ev["event"] == "done":
             best = ev["best_path"]
     return str(best)
@@ -86,7 +87,7 @@ def adapt(img, painted: np.ndarray, start: str, steps: int, seed: int, out: Path
 def predict(path: str, img) -> np.ndarray:
     """Tumour mask predicted by the checkpoint at ``path``."""
     model = zoo.load(path)
-    probs = inference.segment_probabilities(model, img.data, spacing=tuple(img.spacing))
+    probs = inference.segment_probabilities(model, img.data, spacing=tuple(img.spacing), affine=img.affine)
     return probs.argmax(0) == 1
 
 
@@ -108,7 +109,7 @@ def run_study(date: str, args: argparse.Namespace, log) -> list[dict]:
     out = Path(args.out) / date
     t0 = time.time()
     m0 = adapt(img, paint(mask, first), args.start, args.steps0, 0, out / "m0")
-    unc = uncertainty.uncertainty(zoo.load(m0), img.data, spacing=tuple(img.spacing))
+    unc = uncertainty.uncertainty(zoo.load(m0), img.data, spacing=tuple(img.spacing), affine=img.affine)
     ranked = [z for z, _ in uncertainty.rank_slices(unc.entropy, painted=paint(mask, first))]
     top = ranked[: args.add]
     print(

@@ -141,6 +141,7 @@ def uncertainty(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     cancel: Any = None,
+    affine: np.ndarray | None = None,
 ) -> Uncertainty:
     """Voxel-wise uncertainty of a segmenter on a gray image or volume (see the module docstring).
 
@@ -152,6 +153,10 @@ def uncertainty(
         spacing: voxel size in mm, passed on to models that resample (2.5D conventions).
         seed: for the noise sample.
         progress: called as ``progress(done, total)`` with the forward passes of all samples.
+        affine: the volume's index → RAS mm matrix. For a model adapted from paint (2.5D conventions with a
+            painted region, :mod:`napari_medssl.slices25d`) the scores are zero where its predictions are
+            forced to background (far from the paint), as its predictions are: the ranking then points at
+            slices where the model could still change its answer, not at the volume's empty ends.
 
     Raises:
         ValueError: not a segmenter, an RGB image, ``"ensemble"`` for a single model, or an unknown method.
@@ -194,7 +199,25 @@ def uncertainty(
         samples.append(undo(p) if undo is not None else p)
         names.append(name)
     mean, entropy, mi = _scores(samples)
+    allowed = _painted_region(model, image, slice_axis, affine)
+    if allowed is not None:
+        entropy, mi = entropy * allowed, mi * allowed
     return Uncertainty(entropy, mi, mean, method, tuple(names))
+
+
+def _painted_region(model: Any, image: np.ndarray, slice_axis: int, affine: np.ndarray | None) -> np.ndarray | None:
+    """Where a paint-adapted 2.5D model may predict a structure (its recorded painted region on this grid),
+    as a float mask; ``None`` when nothing restricts it (no region, no affine, a 2D image, another axis)."""
+    from napari_medssl import slices25d
+
+    conv = None if model.spec.is_ensemble else slices25d.conventions(model)
+    if conv is None or not conv.roi or affine is None or np.ndim(image) != 3 or slice_axis != 0:
+        return None
+    k = int(model.spec.num_classes)
+    probs = np.zeros((k, *np.shape(image)), np.float32)
+    probs[1:] = 1.0
+    slices25d.apply_roi(probs, conv.roi, affine)
+    return (probs[1:].max(0) > 0).astype(np.float32)
 
 
 def rank_slices(

@@ -330,3 +330,27 @@ def test_pretrained_start_keeps_its_encoder_and_gets_a_fresh_decoder(tmp_path):
     adapted = dict(load_model(path).named_parameters())
     cont = dict(again.named_parameters())
     assert all(torch.equal(cont[n], adapted[n]) for n in dec)
+
+
+def test_uncertainty_follows_the_paint_prior(painted_crop, tmp_path):
+    """A paint-adapted model's uncertainty is zero where its predictions are forced to background (far from
+    the paint), so 'where to paint next' does not rank the volume's empty ends first."""
+    from napari_medssl import uncertainty
+
+    image, painted, affine = painted_crop["image"], painted_crop["painted"], painted_crop["affine"]
+    cfg = adapt.AdaptConfig(out_dir=str(tmp_path), model="unet_tiny", max_steps=2, batch_size=2, crop=64)
+    events = list(adapt.adapt_events(image, painted, cfg, (0.69, 0.69), affine))
+    model = zoo.load(events[-1]["best_path"])
+    assert slices25d.conventions(model).roi  # the painted region is recorded
+    spacing = tuple(painted_crop["spacing"])
+    free = uncertainty.uncertainty(model, image, spacing=spacing)
+    held = uncertainty.uncertainty(model, image, spacing=spacing, affine=affine)
+    probs = inference.segment_probabilities(model, image, spacing=spacing, affine=affine)
+    forced = probs[1:].sum(0) == 0  # the prior's background
+    painted_z = np.flatnonzero(painted.reshape(len(painted), -1).any(1))
+    far = [z for z in range(len(image)) if np.abs(painted_z - z).min() >= 3]  # > 10 mm at 6.5 mm slices
+    assert far and forced[far].all() and free.entropy[far].max() > 0
+    assert held.entropy[forced].max() == 0 and held.mutual_information[forced].max() == 0
+    np.testing.assert_array_equal(held.entropy[~forced], free.entropy[~forced])
+    ranked = [z for z, _ in uncertainty.rank_slices(held.entropy, painted=painted)]
+    assert not set(ranked[:2]) & set(far)

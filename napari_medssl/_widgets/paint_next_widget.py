@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari_medssl._widgets._common import LayerCombo, Relay, guarded, load_model, report_error
 from napari_medssl._widgets._session import get_session
+from napari_medssl.io.layers import affine_from_layer
 
 TOP = 10
 UNCERTAINTY_COLORMAP = Colormap(
@@ -112,6 +113,7 @@ class PaintNextWidget(QWidget):
             model = load_model(choice.source, choice.device)
             self.axis = self._slice_axis(layer)
             spacing = (layer.metadata or {}).get("spacing")
+            affine = affine_from_layer(layer.metadata, layer.data.shape, layer.scale, layer.translate)
         except Exception as err:
             report_error(err, "Cannot score the slices")
             return None
@@ -131,6 +133,7 @@ class PaintNextWidget(QWidget):
                 spacing=tuple(spacing) if spacing and len(spacing) == 3 else None,
                 progress=self._relay.progressed.emit,
                 cancel=self._cancel,
+                affine=affine,
             ),
         )
         worker.returned.connect(lambda out: self._on_returned(layer, out))
