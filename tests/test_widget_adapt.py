@@ -41,6 +41,7 @@ def test_dock_adapts_painted_volume_with_preview(make_napari_viewer, qtbot, data
     assert proc is not None
     assert DEFAULT_START in fw.state_label.text()
     qtbot.waitUntil(lambda: proc.finished, timeout=300_000)
+    qtbot.waitUntil(lambda: fw._pending_preview is None, timeout=5_000)  # the last preview is drawn
     kinds = [e["event"] for e in fw.events]
     assert kinds[-1] == "done", fw.events[-1]
     first = kinds.index("checkpoint")
