@@ -4,7 +4,8 @@ The same ``best.safetensors`` of each scenario (``RUN/<scenario>/start/``) predi
 :func:`napari_medssl.inference.segment_probabilities` with the study's spacing and affine (what ``medssl predict``
 does): once with the window its checkpoint records (or ``--window`` for checkpoints written before windows were
 recorded), once with the window removed (whole slices, the behaviour before 2026-12-04). Dice on the scenario's
-evaluated slices, as the benchmark scores it. History: docs/experiments/2026-12-04-adapt-windowed-inference.md.
+evaluated slices, as the benchmark scores it, and the seconds each prediction took (their ratio: what the windows
+cost). History: docs/experiments/2026-12-04-adapt-windowed-inference.md.
 
     python scripts/adapt_repredict.py runs/bench_s11/seed0 runs/bench_s11/seed1 --window 96
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,10 @@ def main() -> None:
     ap.add_argument("--method", default="start", help="the benchmark method folder (start, random)")
     args = ap.parse_args()
     studies = {d: ba.study(Path(args.data), d) for d in (ba.FIRST, ba.FOLLOW)}
-    print("| run | scenario | whole slice | windows |\n|---|---|---|---|")
+    print(
+        "| run | scenario | Dice whole slice | Dice windows | s whole | s windows | time ratio |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for run in args.runs:
         for name in ("a_follow", "a_first", "b"):
             ckpt = run / name / args.method / "best.safetensors"
@@ -51,14 +56,20 @@ def main() -> None:
             model = load_model(str(ckpt))
             rec = model.spec.extra[slices25d.KEY]
             window = rec.get("window") or args.window
-            scores = []
+            scores, took = [], []
             for w in (None, window):
                 rec["window"] = w
+                t0 = time.perf_counter()
                 probs = inference.segment_probabilities(
                     model, np.asarray(img.data), spacing=img.spacing, affine=img.affine
                 )
+                took.append(time.perf_counter() - t0)
                 scores.append(ba.dice((probs.argmax(0) == 1)[keep], truth[keep]))
-            print(f"| {run} | {name} | {scores[0]:.3f} | {scores[1]:.3f} |", flush=True)
+            print(
+                f"| {run} | {name} | {scores[0]:.3f} | {scores[1]:.3f} | {took[0]:.2f} | {took[1]:.2f} | "
+                f"{took[1] / took[0]:.2f}× |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
